@@ -1,0 +1,234 @@
+//! The one GEMM entry point. Every matrix product in loracomp goes through [`matmul`].
+//!
+//! Matrices are row-major `f32` slices. `op(X)` is `X` or `Xᵀ` as the `Trans` flag says; transposes are
+//! expressed as strides, never materialised. The work is done by the `gemm` crate, which picks the widest
+//! SIMD kernel the CPU offers at run time (AVX-512 with the `x86-v4` feature) and splits work across rayon
+//! threads when the product is large enough to pay for it.
+
+/// Whether an operand is used as stored or transposed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trans {
+    N,
+    T,
+}
+
+/// `C = beta·C + alpha·op(A)·op(B)` with `op(A)` of shape `[m, k]`, `op(B)` of shape `[k, n]`, `C` `[m, n]`.
+///
+/// `a` holds `A` row-major as stored: `[m, k]` when `ta == N`, `[k, m]` when `ta == T` (likewise `b`).
+/// When `beta == 0` the old contents of `C` are never read (NaN in `C` does not leak).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    ta: Trans,
+    b: &[f32],
+    tb: Trans,
+    beta: f32,
+    c: &mut [f32],
+) {
+    assert!(
+        a.len() >= m * k,
+        "matmul: A has {} elements, needs {}",
+        a.len(),
+        m * k
+    );
+    assert!(
+        b.len() >= k * n,
+        "matmul: B has {} elements, needs {}",
+        b.len(),
+        k * n
+    );
+    assert!(
+        c.len() >= m * n,
+        "matmul: C has {} elements, needs {}",
+        c.len(),
+        m * n
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if beta == 0.0 {
+            c[..m * n].fill(0.0);
+        } else {
+            c[..m * n].iter_mut().for_each(|v| *v *= beta);
+        }
+        return;
+    }
+    // (row stride, column stride) of op(X) as seen by the kernel.
+    let (a_rs, a_cs) = match ta {
+        Trans::N => (k as isize, 1isize),
+        Trans::T => (1isize, m as isize),
+    };
+    let (b_rs, b_cs) = match tb {
+        Trans::N => (n as isize, 1isize),
+        Trans::T => (1isize, k as isize),
+    };
+    let flops = 2.0 * m as f64 * n as f64 * k as f64;
+    let par = if flops > 2.0e5 && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above guarantee every index the kernel touches lies inside the slices:
+    // op(A) spans m·k elements, op(B) k·n and C m·n, with the strides derived from those shapes.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            beta != 0.0,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Strided product for callers that already run inside a parallel loop (attention heads): single-threaded.
+///
+/// `C[i, j] = beta·C[i, j] + alpha·Σ_p A[i·a_rs + p·a_cs]·B[p·b_rs + j·b_cs]`, `C[i, j]` at `c[i·c_rs + j]`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    beta: f32,
+    c: &mut [f32],
+    c_rs: usize,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        assert!(
+            k != 0 || beta == 0.0 || m == 0 || n == 0,
+            "matmul_strided: k = 0 with beta != 0"
+        );
+        for i in 0..m {
+            c[i * c_rs..i * c_rs + n].fill(0.0);
+        }
+        return;
+    }
+    assert!(
+        (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
+        "matmul_strided: A out of bounds"
+    );
+    assert!(
+        (k - 1) * b_rs + (n - 1) * b_cs < b.len(),
+        "matmul_strided: B out of bounds"
+    );
+    assert!(
+        (m - 1) * c_rs + n <= c.len(),
+        "matmul_strided: C out of bounds"
+    );
+    assert!(c_rs >= n, "matmul_strided: C rows overlap");
+    // SAFETY: the asserts bound the largest index the kernel reads or writes in each operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_rs as isize,
+            beta != 0.0,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Count of floating-point operations of one `matmul` call (for the benchmark's GEMM floor).
+pub fn matmul_flops(m: usize, n: usize, k: usize) -> f64 {
+    2.0 * m as f64 * n as f64 * k as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: &[f32], ta: Trans, b: &[f32], tb: Trans) -> Vec<f32> {
+        let mut c = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0f64;
+                for p in 0..k {
+                    let av = if ta == Trans::N {
+                        a[i * k + p]
+                    } else {
+                        a[p * m + i]
+                    };
+                    let bv = if tb == Trans::N {
+                        b[p * n + j]
+                    } else {
+                        b[j * k + p]
+                    };
+                    s += av as f64 * bv as f64;
+                }
+                c[i * n + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn all_transposes_match_naive() {
+        let (m, n, k) = (37, 29, 53);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 13) as f32 / 7.0 - 0.9)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 104729) % 17) as f32 / 9.0 - 0.8)
+            .collect();
+        for ta in [Trans::N, Trans::T] {
+            for tb in [Trans::N, Trans::T] {
+                let want = naive(m, n, k, &a, ta, &b, tb);
+                let mut c = vec![f32::NAN; m * n];
+                matmul(m, n, k, 1.0, &a, ta, &b, tb, 0.0, &mut c);
+                for (x, y) in c.iter().zip(&want) {
+                    assert!((x - y).abs() < 1e-4, "{ta:?}{tb:?}: {x} vs {y}");
+                }
+                // accumulate: C = 2·C + 0.5·AB
+                let mut c2 = want.clone();
+                matmul(m, n, k, 0.5, &a, ta, &b, tb, 2.0, &mut c2);
+                for (x, y) in c2.iter().zip(&want) {
+                    assert!(
+                        (x - 2.5 * y).abs() < 1e-3,
+                        "{ta:?}{tb:?} accumulate: {x} vs {}",
+                        2.5 * y
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! Row-wise kernels with explicit forward and backward passes.
+//!
+//! Activations are `[rows, cols]` row-major. Work is split across rayon threads in chunks of a fixed number
+//! of rows, and every reduction over rows (LayerNorm's γ/β gradients, bias gradients) sums per-chunk partials
+//! in chunk order, so results do not depend on how many threads run.
+
+use rayon::prelude::*;
+
+/// Rows per parallel chunk. Fixed so that the summation order never depends on the thread count.
+pub const ROW_CHUNK: usize = 16;
+
+/// Sum per-chunk partial vectors (each of `width` entries) in chunk order into `out` (accumulating).
+fn reduce_partials(partials: &[f32], width: usize, out: &mut [f32]) {
+    for part in partials.chunks(width) {
+        for (o, p) in out.iter_mut().zip(part) {
+            *o += *p;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Linear: y = x·Wᵀ + b, W stored [out, in] as in PyTorch / Hugging Face.
+
+use super::gemm::{matmul, Trans};
+
+/// `y[rows, out] = x[rows, in]·Wᵀ (+ b)`.
+pub fn linear_forward(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    rows: usize,
+    din: usize,
+    dout: usize,
+    y: &mut [f32],
+) {
+    if let Some(b) = b {
+        y[..rows * dout]
+            .par_chunks_mut(dout * ROW_CHUNK)
+            .for_each(|ch| {
+                for r in ch.chunks_mut(dout) {
+                    r.copy_from_slice(b);
+                }
+            });
+        matmul(rows, dout, din, 1.0, x, Trans::N, w, Trans::T, 1.0, y);
+    } else {
+        matmul(rows, dout, din, 1.0, x, Trans::N, w, Trans::T, 0.0, y);
+    }
+}
+
+/// Input gradient `dx (+)= dy·W`. `accumulate` adds to `dx` instead of overwriting it.
+pub fn linear_backward_input(
+    dy: &[f32],
+    w: &[f32],
+    rows: usize,
+    din: usize,
+    dout: usize,
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    matmul(
+        rows,
+        din,
+        dout,
+        1.0,
+        dy,
+        Trans::N,
+        w,
+        Trans::N,
+        if accumulate { 1.0 } else { 0.0 },
+        dx,
+    );
+}
+
+/// Weight gradient `dW += dyᵀ·x` (only for trainable weights).
+pub fn linear_backward_weight(
+    dy: &[f32],
+    x: &[f32],
+    rows: usize,
+    din: usize,
+    dout: usize,
+    dw: &mut [f32],
+) {
+    matmul(dout, din, rows, 1.0, dy, Trans::T, x, Trans::N, 1.0, dw);
+}
+
+/// Bias gradient `db += Σ_rows dy`.
+pub fn bias_backward(dy: &[f32], rows: usize, dout: usize, db: &mut [f32]) {
+    let partials: Vec<f32> = dy[..rows * dout]
+        .par_chunks(dout * ROW_CHUNK)
+        .flat_map_iter(|ch| {
+            let mut acc = vec![0.0f32; dout];
+            for r in ch.chunks(dout) {
+                for (a, v) in acc.iter_mut().zip(r) {
+                    *a += *v;
+                }
+            }
+            acc
+        })
+        .collect();
+    reduce_partials(&partials, dout, db);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// LayerNorm over the last dimension.
+
+/// `y = (x - mean)/sqrt(var + eps)·γ + β` per row; stores `mean` and `rstd` per row for the backward pass.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    d: usize,
+    y: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
+    let rows = x.len() / d;
+    y[..rows * d]
+        .par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .zip(mean[..rows].par_iter_mut().zip(rstd[..rows].par_iter_mut()))
+        .for_each(|((yr, xr), (mu, rs))| {
+            let m = xr.iter().sum::<f32>() / d as f32;
+            let var = xr.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / d as f32;
+            let r = 1.0 / (var + eps).sqrt();
+            for i in 0..d {
+                yr[i] = (xr[i] - m) * r * gamma[i] + beta[i];
+            }
+            *mu = m;
+            *rs = r;
+        });
+}
+
+/// LayerNorm backward. Writes (or with `accumulate` adds) `dx`; adds `dγ`, `dβ` when given.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward(
+    dy: &[f32],
+    x: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    gamma: &[f32],
+    d: usize,
+    dx: &mut [f32],
+    accumulate: bool,
+    dparams: Option<(&mut [f32], &mut [f32])>,
+) {
+    let rows = x.len() / d;
+    dx[..rows * d]
+        .par_chunks_mut(d)
+        .enumerate()
+        .for_each(|(r, dxr)| {
+            let xr = &x[r * d..(r + 1) * d];
+            let dyr = &dy[r * d..(r + 1) * d];
+            let (m, rs) = (mean[r], rstd[r]);
+            // xhat = (x - m)·rs; g = dy·γ; dx = rs·(g - mean(g) - xhat·mean(g·xhat))
+            let mut sg = 0.0f32;
+            let mut sgx = 0.0f32;
+            for i in 0..d {
+                let g = dyr[i] * gamma[i];
+                sg += g;
+                sgx += g * (xr[i] - m) * rs;
+            }
+            let (mg, mgx) = (sg / d as f32, sgx / d as f32);
+            for i in 0..d {
+                let xhat = (xr[i] - m) * rs;
+                let v = rs * (dyr[i] * gamma[i] - mg - xhat * mgx);
+                if accumulate {
+                    dxr[i] += v;
+                } else {
+                    dxr[i] = v;
+                }
+            }
+        });
+    if let Some((dgamma, dbeta)) = dparams {
+        let partials: Vec<f32> = (0..rows.div_ceil(ROW_CHUNK))
+            .into_par_iter()
+            .flat_map_iter(|c| {
+                let mut acc = vec![0.0f32; 2 * d];
+                for r in c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(rows) {
+                    let (m, rs) = (mean[r], rstd[r]);
+                    for i in 0..d {
+                        let g = dy[r * d + i];
+                        acc[i] += g * (x[r * d + i] - m) * rs;
+                        acc[d + i] += g;
+                    }
+                }
+                acc
+            })
+            .collect();
+        for part in partials.chunks(2 * d) {
+            for i in 0..d {
+                dgamma[i] += part[i];
+                dbeta[i] += part[d + i];
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// GELU, exact (erf) and tanh forms.
+
+/// Which GELU the model's config asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gelu {
+    /// `x·Φ(x)` with the exact normal CDF (`"gelu"` in Hugging Face configs).
+    Erf,
+    /// The tanh approximation (`"gelu_new"`, `"gelu_pytorch_tanh"`, `"gelu_fast"`).
+    Tanh,
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const INV_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+
+#[inline]
+fn erf(x: f32) -> f32 {
+    libm::erff(x)
+}
+
+impl Gelu {
+    #[inline]
+    pub fn f(self, x: f32) -> f32 {
+        match self {
+            Gelu::Erf => 0.5 * x * (1.0 + erf(x * INV_SQRT_2)),
+            Gelu::Tanh => 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()),
+        }
+    }
+    #[inline]
+    pub fn df(self, x: f32) -> f32 {
+        match self {
+            Gelu::Erf => {
+                let cdf = 0.5 * (1.0 + erf(x * INV_SQRT_2));
+                let pdf = (-0.5 * x * x).exp() * 0.398_942_3;
+                cdf + x * pdf
+            }
+            Gelu::Tanh => {
+                let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
+                let t = u.tanh();
+                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+            }
+        }
+    }
+}
+
+/// `y = gelu(x)` elementwise.
+pub fn gelu_forward(kind: Gelu, x: &[f32], y: &mut [f32]) {
+    y[..x.len()]
+        .par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .for_each(|(yc, xc)| {
+            for (o, v) in yc.iter_mut().zip(xc) {
+                *o = kind.f(*v);
+            }
+        });
+}
+
+/// `dx = dy·gelu'(x)` elementwise, in place on `d` (which holds `dy` on entry).
+pub fn gelu_backward_inplace(kind: Gelu, x: &[f32], d: &mut [f32]) {
+    d[..x.len()]
+        .par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .for_each(|(dc, xc)| {
+            for (g, v) in dc.iter_mut().zip(xc) {
+                *g *= kind.df(*v);
+            }
+        });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Softmax cross-entropy (mean over the batch).
+
+/// Returns the mean loss and writes `dlogits = (softmax - onehot)/batch`. `probs` receives the softmax.
+pub fn softmax_cross_entropy(
+    logits: &[f32],
+    labels: &[usize],
+    classes: usize,
+    probs: &mut [f32],
+    dlogits: &mut [f32],
+) -> f32 {
+    let b = labels.len();
+    let mut loss = 0.0f64;
+    for i in 0..b {
+        let row = &logits[i * classes..(i + 1) * classes];
+        let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut s = 0.0f32;
+        for (p, v) in probs[i * classes..(i + 1) * classes].iter_mut().zip(row) {
+            *p = (v - mx).exp();
+            s += *p;
+        }
+        let inv = 1.0 / s;
+        for j in 0..classes {
+            probs[i * classes + j] *= inv;
+            dlogits[i * classes + j] = probs[i * classes + j] / b as f32;
+        }
+        dlogits[i * classes + labels[i]] -= 1.0 / b as f32;
+        loss += -((row[labels[i]] - mx) as f64 - (s as f64).ln());
+    }
+    (loss / b as f64) as f32
+}
+
+/// In-place softmax over each row of length `n`.
+pub fn softmax_rows(x: &mut [f32], n: usize) {
+    for row in x.chunks_mut(n) {
+        let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut s = 0.0f32;
+        for v in row.iter_mut() {
+            *v = (*v - mx).exp();
+            s += *v;
+        }
+        let inv = 1.0 / s;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Pooling over the sequence: mean over unmasked tokens, or the first ([CLS]) token.
+
+/// Pooling mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    Mean,
+    Cls,
+}
+
+impl std::str::FromStr for Pooling {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "mean" => Ok(Pooling::Mean),
+            "cls" => Ok(Pooling::Cls),
+            _ => Err(format!("unknown pooling '{s}' (expected mean or cls)")),
+        }
+    }
+}
+
+/// `h` is `[batch, seq, d]`, `mask` `[batch, seq]` (1 = token, 0 = padding). Writes `out[batch, d]`.
+pub fn pool_forward(
+    mode: Pooling,
+    h: &[f32],
+    mask: &[f32],
+    batch: usize,
+    seq: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    out[..batch * d]
+        .par_chunks_mut(d)
+        .enumerate()
+        .for_each(|(b, o)| match mode {
+            Pooling::Cls => o.copy_from_slice(&h[b * seq * d..b * seq * d + d]),
+            Pooling::Mean => {
+                o.fill(0.0);
+                let mut cnt = 0.0f32;
+                for s in 0..seq {
+                    let m = mask[b * seq + s];
+                    if m != 0.0 {
+                        cnt += m;
+                        let hr = &h[(b * seq + s) * d..(b * seq + s + 1) * d];
+                        for (a, v) in o.iter_mut().zip(hr) {
+                            *a += m * v;
+                        }
+                    }
+                }
+                let inv = 1.0 / cnt.max(1e-9);
+                o.iter_mut().for_each(|v| *v *= inv);
+            }
+        });
+}
+
+/// Backward of [`pool_forward`]: writes `dh[batch, seq, d]`.
+pub fn pool_backward(
+    mode: Pooling,
+    dout: &[f32],
+    mask: &[f32],
+    batch: usize,
+    seq: usize,
+    d: usize,
+    dh: &mut [f32],
+) {
+    dh[..batch * seq * d]
+        .par_chunks_mut(seq * d)
+        .enumerate()
+        .for_each(|(b, dhb)| {
+            dhb.fill(0.0);
+            let g = &dout[b * d..(b + 1) * d];
+            match mode {
+                Pooling::Cls => dhb[..d].copy_from_slice(g),
+                Pooling::Mean => {
+                    let cnt: f32 = mask[b * seq..(b + 1) * seq].iter().sum::<f32>().max(1e-9);
+                    for s in 0..seq {
+                        let m = mask[b * seq + s];
+                        if m != 0.0 {
+                            for (o, v) in dhb[s * d..(s + 1) * d].iter_mut().zip(g) {
+                                *o = m * v / cnt;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// L2-normalise each row of `x` in place (as sentence-transformers' Normalize module; eps 1e-12).
+pub fn l2_normalize_rows(x: &mut [f32], d: usize) {
+    for row in x.chunks_mut(d) {
+        let n = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        row.iter_mut().for_each(|v| *v /= n);
+    }
+}

@@ -1,0 +1,10 @@
+//! The CPU engine: one GEMM entry point, fused row-wise kernels with explicit backward passes, parameters and
+//! the AdamW optimiser. No autograd graph: each layer caches what its backward pass needs.
+
+pub mod attention;
+pub mod gemm;
+pub mod kernels;
+pub mod param;
+
+#[cfg(test)]
+mod gradcheck;

@@ -1,0 +1,572 @@
+//! The LoRA-bank linear layer: frozen `W` (and bias), a bank of frozen LoRA modules, their composition, and an
+//! optional fresh trainable LoRA.
+//!
+//! `y = x·(W + Σ_n c_n·B_n·A_n)ᵀ + b + s_f·x·A_fᵀ·B_fᵀ` with `c_n = w_n·s_n`, where `w` is fixed (uniform, a
+//! merge's weights) or `softmax(v)` of learned logits `v`, and `s_n` is the module's own scale (α/r, or α/√r
+//! with rsLoRA). Two exact ways compute the bank term; the layer picks the one with fewer flops for the
+//! current shape ([`BankPath`]) and both give the same numbers up to rounding:
+//! - merged: `ΔW = B_cat·diag(c)·A_cat` is formed (`[out, in]`), then one matmul with `W + ΔW`;
+//! - factored: `U = x·A_catᵀ` (`[rows, R]`), `y += (U·diag(c))·B_catᵀ`, with `R = Σ r_n`.
+
+use crate::engine::gemm::{matmul, Trans};
+use crate::engine::kernels::{
+    bias_backward, linear_backward_input, linear_backward_weight, linear_forward, softmax_rows,
+};
+use crate::engine::param::Param;
+
+/// One frozen LoRA module of the bank for this layer.
+#[derive(Clone, Debug)]
+pub struct LoraModule {
+    /// `A`, `[r, in]`.
+    pub a: Vec<f32>,
+    /// `B`, `[out, r]`.
+    pub b: Vec<f32>,
+    pub r: usize,
+    /// α/r, or α/√r with rsLoRA.
+    pub scale: f32,
+}
+
+/// How the bank's modules are weighted.
+#[derive(Clone, Debug)]
+pub enum Composition {
+    /// The bank is not applied.
+    Off,
+    /// Fixed weights `w_n` (uniform composition uses `1/N`; merges may use any real weights).
+    Fixed(Vec<f32>),
+    /// Learned logits `v_n`, `w = softmax(v)`; trainable.
+    Learned(Param),
+}
+
+/// A fresh LoRA trained from scratch on this layer (`A` Kaiming-uniform, `B` zero, as PEFT initialises).
+#[derive(Clone, Debug)]
+pub struct FreshLora {
+    /// `[r, in]`.
+    pub a: Param,
+    /// `[out, r]`.
+    pub b: Param,
+    pub r: usize,
+    pub scale: f32,
+}
+
+/// Which exact evaluation of the bank term a layer uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BankPath {
+    Merged,
+    Factored,
+}
+
+/// A linear layer with a LoRA bank. See the module documentation.
+#[derive(Clone, Debug)]
+pub struct BankLinear {
+    pub din: usize,
+    pub dout: usize,
+    pub w: Param,
+    pub bias: Option<Param>,
+    bank: Vec<LoraModule>,
+    pub comp: Composition,
+    pub fresh: Option<FreshLora>,
+    /// Force a path (tests, benchmarks); `None` picks by flop count.
+    pub force_path: Option<BankPath>,
+    // Derived from the bank: A_cat [R, in], B_cat [out, R], rank offsets.
+    a_cat: Vec<f32>,
+    b_cat: Vec<f32>,
+    offsets: Vec<usize>,
+    // Cached effective weight W + ΔW for the merged path, valid while `merged_ok`.
+    merged: Vec<f32>,
+    merged_ok: bool,
+    // Per-call caches for the backward pass.
+    path_used: Option<BankPath>,
+    coef: Vec<f32>,
+    weights: Vec<f32>,
+    u: Vec<f32>,
+    uf: Vec<f32>,
+    scratch: Vec<f32>,
+    scratch2: Vec<f32>,
+}
+
+impl BankLinear {
+    pub fn new(w: Param, bias: Option<Param>) -> Self {
+        assert_eq!(w.shape.len(), 2);
+        let (dout, din) = (w.shape[0], w.shape[1]);
+        BankLinear {
+            din,
+            dout,
+            w,
+            bias,
+            bank: Vec::new(),
+            comp: Composition::Off,
+            fresh: None,
+            force_path: None,
+            a_cat: Vec::new(),
+            b_cat: Vec::new(),
+            offsets: vec![0],
+            merged: Vec::new(),
+            merged_ok: false,
+            path_used: None,
+            coef: Vec::new(),
+            weights: Vec::new(),
+            u: Vec::new(),
+            uf: Vec::new(),
+            scratch: Vec::new(),
+            scratch2: Vec::new(),
+        }
+    }
+
+    pub fn bank(&self) -> &[LoraModule] {
+        &self.bank
+    }
+
+    /// Total bank rank `R = Σ r_n`.
+    pub fn bank_rank(&self) -> usize {
+        *self.offsets.last().unwrap()
+    }
+
+    /// Replace the bank. Every module must match this layer's shape.
+    pub fn set_bank(&mut self, bank: Vec<LoraModule>) {
+        let mut offsets = vec![0];
+        for m in &bank {
+            assert_eq!(m.a.len(), m.r * self.din, "LoRA A shape");
+            assert_eq!(m.b.len(), self.dout * m.r, "LoRA B shape");
+            offsets.push(offsets.last().unwrap() + m.r);
+        }
+        let rt = *offsets.last().unwrap();
+        let mut a_cat = Vec::with_capacity(rt * self.din);
+        let mut b_cat = vec![0.0f32; self.dout * rt];
+        for (n, m) in bank.iter().enumerate() {
+            a_cat.extend_from_slice(&m.a);
+            for o in 0..self.dout {
+                b_cat[o * rt + offsets[n]..o * rt + offsets[n + 1]]
+                    .copy_from_slice(&m.b[o * m.r..(o + 1) * m.r]);
+            }
+        }
+        self.bank = bank;
+        self.a_cat = a_cat;
+        self.b_cat = b_cat;
+        self.offsets = offsets;
+        self.merged_ok = false;
+    }
+
+    /// Call after any change of `w`, `comp` or the bank (the optimiser does after each step).
+    pub fn invalidate(&mut self) {
+        self.merged_ok = false;
+    }
+
+    /// Current module weights `w_n` (softmax of the logits when learned).
+    pub fn module_weights(&self) -> Vec<f32> {
+        match &self.comp {
+            Composition::Off => vec![0.0; self.bank.len()],
+            Composition::Fixed(w) => w.clone(),
+            Composition::Learned(v) => {
+                let mut w = v.data.clone();
+                let n = w.len().max(1);
+                softmax_rows(&mut w, n);
+                w
+            }
+        }
+    }
+
+    fn bank_active(&self) -> bool {
+        !self.bank.is_empty() && !matches!(self.comp, Composition::Off)
+    }
+
+    /// Dense `ΔW = Σ_n c_n·B_n·A_n` (`[out, in]`) for the given weights.
+    pub fn delta_w(&self, weights: &[f32]) -> Vec<f32> {
+        let mut d = vec![0.0f32; self.dout * self.din];
+        self.add_delta(weights, &mut d);
+        d
+    }
+
+    fn add_delta(&self, weights: &[f32], dst: &mut [f32]) {
+        let rt = self.bank_rank();
+        if rt == 0 {
+            return;
+        }
+        // B_cat·diag(c) then one product with A_cat.
+        let mut bc = self.b_cat.clone();
+        for (n, m) in self.bank.iter().enumerate() {
+            let c = weights[n] * m.scale;
+            for o in 0..self.dout {
+                bc[o * rt + self.offsets[n]..o * rt + self.offsets[n + 1]]
+                    .iter_mut()
+                    .for_each(|v| *v *= c);
+            }
+        }
+        matmul(
+            self.dout,
+            self.din,
+            rt,
+            1.0,
+            &bc,
+            Trans::N,
+            &self.a_cat,
+            Trans::N,
+            1.0,
+            dst,
+        );
+    }
+
+    /// Flop-count choice between the two exact paths for `rows` input rows.
+    pub fn choose_path(&self, rows: usize, need_weight_grad: bool) -> BankPath {
+        if let Some(p) = self.force_path {
+            return p;
+        }
+        let (i, o, r, t) = (
+            self.din as f64,
+            self.dout as f64,
+            self.bank_rank() as f64,
+            rows as f64,
+        );
+        let merged = if need_weight_grad {
+            // build ΔW, dW = dyᵀx, B_catᵀ·dW
+            2.0 * o * i * r + t * o * i
+        } else {
+            o * i * r
+        };
+        let factored = if need_weight_grad {
+            2.0 * t * r * (i + o)
+        } else {
+            t * r * (i + o)
+        };
+        if merged <= factored {
+            BankPath::Merged
+        } else {
+            BankPath::Factored
+        }
+    }
+
+    fn learned(&self) -> bool {
+        matches!(self.comp, Composition::Learned(_))
+    }
+
+    /// Forward for `rows` rows of `x` (`[rows, in]`) into `y` (`[rows, out]`).
+    pub fn forward(&mut self, x: &[f32], rows: usize, y: &mut [f32]) {
+        let (din, dout) = (self.din, self.dout);
+        let bias = self.bias.as_ref().map(|b| b.data.as_slice());
+        if !self.bank_active() {
+            self.path_used = None;
+            linear_forward(x, &self.w.data, bias, rows, din, dout, y);
+        } else {
+            self.weights = self.module_weights();
+            self.coef = self
+                .bank
+                .iter()
+                .zip(&self.weights)
+                .map(|(m, w)| w * m.scale)
+                .collect();
+            let training_comp = self.learned() && self.trainable_logits();
+            let path = self.choose_path(rows, training_comp);
+            self.path_used = Some(path);
+            match path {
+                BankPath::Merged => {
+                    if !self.merged_ok || self.w.trainable() || training_comp {
+                        self.merged.clear();
+                        self.merged.extend_from_slice(&self.w.data);
+                        let w = self.weights.clone();
+                        let mut merged = std::mem::take(&mut self.merged);
+                        self.add_delta(&w, &mut merged);
+                        self.merged = merged;
+                        self.merged_ok = true;
+                    }
+                    linear_forward(x, &self.merged, bias, rows, din, dout, y);
+                }
+                BankPath::Factored => {
+                    linear_forward(x, &self.w.data, bias, rows, din, dout, y);
+                    let rt = self.bank_rank();
+                    self.u.resize(rows * rt, 0.0);
+                    matmul(
+                        rows,
+                        rt,
+                        din,
+                        1.0,
+                        x,
+                        Trans::N,
+                        &self.a_cat,
+                        Trans::T,
+                        0.0,
+                        &mut self.u,
+                    );
+                    self.scale_cols(rows, true);
+                    matmul(
+                        rows,
+                        dout,
+                        rt,
+                        1.0,
+                        &self.scratch,
+                        Trans::N,
+                        &self.b_cat,
+                        Trans::T,
+                        1.0,
+                        y,
+                    );
+                }
+            }
+        }
+        if let Some(f) = &self.fresh {
+            self.uf.resize(rows * f.r, 0.0);
+            matmul(
+                rows,
+                f.r,
+                din,
+                1.0,
+                x,
+                Trans::N,
+                &f.a.data,
+                Trans::T,
+                0.0,
+                &mut self.uf,
+            );
+            matmul(
+                rows,
+                dout,
+                f.r,
+                f.scale,
+                &self.uf,
+                Trans::N,
+                &f.b.data,
+                Trans::T,
+                1.0,
+                y,
+            );
+        }
+    }
+
+    fn trainable_logits(&self) -> bool {
+        matches!(&self.comp, Composition::Learned(p) if p.trainable())
+    }
+
+    /// scratch = U·diag(c) (from `u` when `from_u`, else from `scratch2`), `[rows, R]`.
+    fn scale_cols(&mut self, rows: usize, from_u: bool) {
+        let rt = self.bank_rank();
+        let src = if from_u { &self.u } else { &self.scratch2 };
+        self.scratch.resize(rows * rt, 0.0);
+        for t in 0..rows {
+            for (n, c) in self.coef.iter().enumerate() {
+                for j in self.offsets[n]..self.offsets[n + 1] {
+                    self.scratch[t * rt + j] = src[t * rt + j] * c;
+                }
+            }
+        }
+    }
+
+    /// Backward. `x` is the input given to the last `forward`, `dy` the output gradient. Accumulates gradients
+    /// of the trainable parameters (W and bias when trainable, learned logits, fresh LoRA) and writes `dx` when
+    /// asked (adding to it when `accumulate`).
+    pub fn backward(
+        &mut self,
+        x: &[f32],
+        dy: &[f32],
+        rows: usize,
+        dx: Option<&mut [f32]>,
+        accumulate: bool,
+    ) {
+        let (din, dout) = (self.din, self.dout);
+        if let Some(b) = self.bias.as_mut() {
+            if b.trainable() {
+                bias_backward(dy, rows, dout, &mut b.grad);
+            }
+        }
+        let rt = self.bank_rank();
+        let path = self.path_used;
+        let learned = self.trainable_logits();
+        // Gradient of the weights w_n, before the softmax Jacobian.
+        let mut gw = vec![0.0f32; self.bank.len()];
+        match path {
+            Some(BankPath::Merged) if learned => {
+                // dW_eff = dyᵀ·x; g_n = s_n·⟨B_n·A_n, dW_eff⟩ = s_n·Σ_{j∈n} (B_catᵀ·dW_eff)[j,:]·A_cat[j,:]
+                self.scratch.resize(dout * din, 0.0);
+                matmul(
+                    dout,
+                    din,
+                    rows,
+                    1.0,
+                    dy,
+                    Trans::T,
+                    x,
+                    Trans::N,
+                    0.0,
+                    &mut self.scratch,
+                );
+                if self.w.trainable() {
+                    self.w
+                        .grad
+                        .iter_mut()
+                        .zip(&self.scratch)
+                        .for_each(|(g, v)| *g += v);
+                }
+                self.scratch2.resize(rt * din, 0.0);
+                matmul(
+                    rt,
+                    din,
+                    dout,
+                    1.0,
+                    &self.b_cat,
+                    Trans::T,
+                    &self.scratch,
+                    Trans::N,
+                    0.0,
+                    &mut self.scratch2,
+                );
+                for (n, m) in self.bank.iter().enumerate() {
+                    let mut s = 0.0f32;
+                    for j in self.offsets[n]..self.offsets[n + 1] {
+                        let row = &self.scratch2[j * din..(j + 1) * din];
+                        let arow = &self.a_cat[j * din..(j + 1) * din];
+                        s += row.iter().zip(arow).map(|(p, q)| p * q).sum::<f32>();
+                    }
+                    gw[n] = m.scale * s;
+                }
+            }
+            _ => {
+                if self.w.trainable() {
+                    linear_backward_weight(dy, x, rows, din, dout, &mut self.w.grad);
+                }
+            }
+        }
+        // G = dy·B_cat ([rows, R]) is needed by the factored path for both dx and the logits.
+        let factored = path == Some(BankPath::Factored);
+        if factored && (learned || dx.is_some()) {
+            self.scratch2.resize(rows * rt, 0.0);
+            matmul(
+                rows,
+                rt,
+                dout,
+                1.0,
+                dy,
+                Trans::N,
+                &self.b_cat,
+                Trans::N,
+                0.0,
+                &mut self.scratch2,
+            );
+            if learned {
+                for (n, m) in self.bank.iter().enumerate() {
+                    let mut s = 0.0f32;
+                    for t in 0..rows {
+                        for j in self.offsets[n]..self.offsets[n + 1] {
+                            s += self.u[t * rt + j] * self.scratch2[t * rt + j];
+                        }
+                    }
+                    gw[n] = m.scale * s;
+                }
+            }
+        }
+        if learned {
+            let w = &self.weights;
+            let dot: f32 = w.iter().zip(&gw).map(|(a, b)| a * b).sum();
+            if let Composition::Learned(p) = &mut self.comp {
+                for n in 0..w.len() {
+                    p.grad[n] += w[n] * (gw[n] - dot);
+                }
+            }
+        }
+        // Fresh LoRA: uf = x·A_fᵀ was cached; y += s·uf·B_fᵀ.
+        let mut guf = Vec::new();
+        if let Some(f) = self.fresh.as_mut() {
+            if f.b.trainable() {
+                matmul(
+                    dout,
+                    f.r,
+                    rows,
+                    f.scale,
+                    dy,
+                    Trans::T,
+                    &self.uf,
+                    Trans::N,
+                    1.0,
+                    &mut f.b.grad,
+                );
+            }
+            guf = vec![0.0f32; rows * f.r];
+            matmul(
+                rows,
+                f.r,
+                dout,
+                f.scale,
+                dy,
+                Trans::N,
+                &f.b.data,
+                Trans::N,
+                0.0,
+                &mut guf,
+            );
+            if f.a.trainable() {
+                matmul(
+                    f.r,
+                    din,
+                    rows,
+                    1.0,
+                    &guf,
+                    Trans::T,
+                    x,
+                    Trans::N,
+                    1.0,
+                    &mut f.a.grad,
+                );
+            }
+        }
+        if let Some(dx) = dx {
+            let wmat = if path == Some(BankPath::Merged) {
+                &self.merged
+            } else {
+                &self.w.data
+            };
+            linear_backward_input(dy, wmat, rows, din, dout, dx, accumulate);
+            if factored {
+                self.scale_cols(rows, false);
+                matmul(
+                    rows,
+                    din,
+                    rt,
+                    1.0,
+                    &self.scratch,
+                    Trans::N,
+                    &self.a_cat,
+                    Trans::N,
+                    1.0,
+                    dx,
+                );
+            }
+            if let Some(f) = &self.fresh {
+                matmul(
+                    rows,
+                    din,
+                    f.r,
+                    1.0,
+                    &guf,
+                    Trans::N,
+                    &f.a.data,
+                    Trans::N,
+                    1.0,
+                    dx,
+                );
+            }
+        }
+    }
+
+    /// Parameters that take gradient steps, with a stable name suffix.
+    pub fn trainable_params_mut(&mut self) -> Vec<(&'static str, &mut Param)> {
+        let mut out: Vec<(&'static str, &mut Param)> = Vec::new();
+        if self.w.trainable() {
+            out.push(("weight", &mut self.w));
+        }
+        if let Some(b) = self.bias.as_mut() {
+            if b.trainable() {
+                out.push(("bias", b));
+            }
+        }
+        if let Composition::Learned(p) = &mut self.comp {
+            if p.trainable() {
+                out.push(("composition_logits", p));
+            }
+        }
+        if let Some(f) = self.fresh.as_mut() {
+            if f.a.trainable() {
+                out.push(("lora_A", &mut f.a));
+            }
+            if f.b.trainable() {
+                out.push(("lora_B", &mut f.b));
+            }
+        }
+        out
+    }
+}

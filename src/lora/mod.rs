@@ -1,0 +1,3 @@
+//! LoRA: the bank linear layer and PEFT adapter input/output.
+
+pub mod bank;

@@ -1,0 +1,6 @@
+//! Model architectures, one file each, on the shared engine.
+
+pub mod bert;
+pub mod config;
+pub mod tokenize;
+pub mod weights;
