@@ -643,3 +643,105 @@ impl Bert {
         Ok(())
     }
 }
+
+impl Bert {
+    /// A randomly initialised encoder as `transformers` initialises one (normal(0, 0.02) weights, zero biases,
+    /// unit LayerNorm), from a seeded generator. Used by the demo's in-process pre-training and by tests.
+    pub fn random(cfg: BertConfig, seed: u64) -> Result<Self> {
+        use rand::SeedableRng;
+        cfg.validate()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let mut names: Vec<(String, Vec<usize>)> = vec![
+            (
+                "embeddings.word_embeddings.weight".into(),
+                vec![cfg.vocab_size, d],
+            ),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                vec![cfg.max_position_embeddings, d],
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".into(),
+                vec![cfg.type_vocab_size, d],
+            ),
+            ("embeddings.LayerNorm.weight".into(), vec![d]),
+            ("embeddings.LayerNorm.bias".into(), vec![d]),
+        ];
+        for l in 0..cfg.num_hidden_layers {
+            for (n, o, inp) in [
+                (LINEAR_NAMES[0], d, d),
+                (LINEAR_NAMES[1], d, d),
+                (LINEAR_NAMES[2], d, d),
+                (LINEAR_NAMES[3], d, d),
+                (LINEAR_NAMES[4], i, d),
+                (LINEAR_NAMES[5], d, i),
+            ] {
+                names.push((format!("encoder.layer.{l}.{n}.weight"), vec![o, inp]));
+                names.push((format!("encoder.layer.{l}.{n}.bias"), vec![o]));
+            }
+            for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                names.push((format!("encoder.layer.{l}.{n}.weight"), vec![d]));
+                names.push((format!("encoder.layer.{l}.{n}.bias"), vec![d]));
+            }
+        }
+        let mut tensors = std::collections::BTreeMap::new();
+        for (n, shape) in names {
+            let len: usize = shape.iter().product();
+            let data: Vec<f32> = if n.contains("LayerNorm.weight") {
+                vec![1.0; len]
+            } else if n.ends_with("bias") {
+                vec![0.0; len]
+            } else {
+                (0..len)
+                    .map(|_| crate::util::normal(&mut rng) * 0.02)
+                    .collect()
+            };
+            tensors.insert(n, (shape, data));
+        }
+        let mut tf = TensorFile {
+            path: "<random>".into(),
+            tensors,
+        };
+        Self::from_tensors(cfg, &mut tf)
+    }
+
+    /// All weights as `BertModel` safetensors keys (for saving a pre-trained encoder as a Hugging Face folder).
+    pub fn state_dict(&self) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+        let mut m = std::collections::BTreeMap::new();
+        let mut put = |k: String, p: &Param| {
+            m.insert(k, (p.shape.clone(), p.data.clone()));
+        };
+        let e = &self.emb;
+        put("embeddings.word_embeddings.weight".into(), &e.word);
+        put("embeddings.position_embeddings.weight".into(), &e.pos);
+        put("embeddings.token_type_embeddings.weight".into(), &e.typ);
+        put("embeddings.LayerNorm.weight".into(), &e.ln_g);
+        put("embeddings.LayerNorm.bias".into(), &e.ln_b);
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (n, lin) in LINEAR_NAMES.iter().zip(layer.linears()) {
+                put(format!("encoder.layer.{l}.{n}.weight"), &lin.w);
+                if let Some(b) = &lin.bias {
+                    put(format!("encoder.layer.{l}.{n}.bias"), b);
+                }
+            }
+            put(
+                format!("encoder.layer.{l}.attention.output.LayerNorm.weight"),
+                &layer.ln1_g,
+            );
+            put(
+                format!("encoder.layer.{l}.attention.output.LayerNorm.bias"),
+                &layer.ln1_b,
+            );
+            put(
+                format!("encoder.layer.{l}.output.LayerNorm.weight"),
+                &layer.ln2_g,
+            );
+            put(
+                format!("encoder.layer.{l}.output.LayerNorm.bias"),
+                &layer.ln2_b,
+            );
+        }
+        m
+    }
+}

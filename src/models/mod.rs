@@ -1,6 +1,7 @@
 //! Model architectures, one file each, on the shared engine.
 
 pub mod bert;
+pub mod classifier;
 pub mod config;
 pub mod tokenize;
 pub mod weights;

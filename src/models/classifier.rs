@@ -1,0 +1,145 @@
+//! A sequence classifier: encoder, pooling and a linear head (`classifier`, stored PEFT-style under
+//! `modules_to_save` keys in adapters).
+
+use super::bert::{Batch, Bert};
+use crate::engine::kernels::{pool_backward, pool_forward, softmax_cross_entropy, Pooling};
+use crate::engine::param::Param;
+use crate::lora::bank::BankLinear;
+use anyhow::Result;
+
+/// Encoder + pooling + linear head.
+#[derive(Clone, Debug)]
+pub struct Classifier {
+    pub bert: Bert,
+    pub pooling: Pooling,
+    pub head: BankLinear,
+    pub classes: usize,
+    pooled: Vec<f32>,
+    logits: Vec<f32>,
+    probs: Vec<f32>,
+    dlogits: Vec<f32>,
+    dpooled: Vec<f32>,
+    dhidden: Vec<f32>,
+    batch: Batch,
+}
+
+impl Classifier {
+    /// A fresh head (`normal(0, 0.02)` weight, zero bias, trainable) on `bert`.
+    pub fn new(bert: Bert, pooling: Pooling, classes: usize, seed: u64) -> Self {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x4845_4144);
+        let d = bert.hidden();
+        let w: Vec<f32> = (0..classes * d)
+            .map(|_| crate::util::normal(&mut rng) * 0.02)
+            .collect();
+        let mut wp = Param::new(vec![classes, d], w);
+        let mut bp = Param::zeros(vec![classes]);
+        wp.set_trainable(true);
+        bp.set_trainable(true);
+        Self::with_head(bert, pooling, BankLinear::new(wp, Some(bp)))
+    }
+
+    pub fn with_head(bert: Bert, pooling: Pooling, head: BankLinear) -> Self {
+        let classes = head.dout;
+        Classifier {
+            bert,
+            pooling,
+            head,
+            classes,
+            pooled: Vec::new(),
+            logits: Vec::new(),
+            probs: Vec::new(),
+            dlogits: Vec::new(),
+            dpooled: Vec::new(),
+            dhidden: Vec::new(),
+            batch: Batch::default(),
+        }
+    }
+
+    /// Logits `[batch, classes]`.
+    pub fn forward(&mut self, batch: &Batch) -> Result<&[f32]> {
+        let d = self.bert.hidden();
+        let h = self.bert.forward(batch)?;
+        self.pooled.resize(batch.batch * d, 0.0);
+        pool_forward(
+            self.pooling,
+            h,
+            &batch.mask,
+            batch.batch,
+            batch.seq,
+            d,
+            &mut self.pooled,
+        );
+        self.logits.resize(batch.batch * self.classes, 0.0);
+        self.head
+            .forward(&self.pooled, batch.batch, &mut self.logits);
+        self.batch = batch.clone();
+        Ok(&self.logits)
+    }
+
+    /// Pooled features of the last forward pass `[batch, hidden]`.
+    pub fn pooled(&self) -> &[f32] {
+        &self.pooled
+    }
+
+    /// Mean cross-entropy of the last forward pass against `labels`; backpropagates into every trainable
+    /// parameter (gradients accumulate). Returns the loss.
+    pub fn backward(&mut self, labels: &[usize]) -> Result<f32> {
+        let b = self.batch.batch;
+        self.probs.resize(b * self.classes, 0.0);
+        self.dlogits.resize(b * self.classes, 0.0);
+        let loss = softmax_cross_entropy(
+            &self.logits,
+            labels,
+            self.classes,
+            &mut self.probs,
+            &mut self.dlogits,
+        );
+        self.backward_from_logits_grad(None)?;
+        Ok(loss)
+    }
+
+    /// Backward from a given logits gradient (or the one the last `backward` computed).
+    pub fn backward_from_logits_grad(&mut self, dlogits: Option<&[f32]>) -> Result<()> {
+        let b = self.batch.batch;
+        let d = self.bert.hidden();
+        if let Some(g) = dlogits {
+            self.dlogits.clear();
+            self.dlogits.extend_from_slice(g);
+        }
+        self.dpooled.resize(b * d, 0.0);
+        self.head.backward(
+            &self.pooled,
+            &self.dlogits,
+            b,
+            Some(&mut self.dpooled),
+            false,
+        );
+        self.dhidden.resize(self.batch.rows() * d, 0.0);
+        pool_backward(
+            self.pooling,
+            &self.dpooled,
+            &self.batch.mask,
+            b,
+            self.batch.seq,
+            d,
+            &mut self.dhidden,
+        );
+        self.bert.backward(&self.dhidden)
+    }
+
+    /// Every trainable parameter, named (`classifier.weight`, `encoder.layer.0…`).
+    pub fn trainable_params_mut(&mut self) -> Vec<(String, &mut Param)> {
+        let mut out = self.bert.trainable_params_mut();
+        for (s, p) in self.head.trainable_params_mut() {
+            out.push((format!("classifier.{s}"), p));
+        }
+        out
+    }
+
+    pub fn zero_grad(&mut self) {
+        for (_, p) in self.trainable_params_mut() {
+            p.zero_grad();
+        }
+    }
+}
