@@ -4,7 +4,10 @@
 //! Layers, bottom up: [`engine`] (GEMM, kernels, optimiser) → [`models`] (architectures) → [`lora`] (bank layer,
 //! PEFT I/O) → methods → data → experiments → cli.
 
+pub mod cli;
 pub mod engine;
+pub mod experiments;
 pub mod lora;
+pub mod methods;
 pub mod models;
 pub mod util;

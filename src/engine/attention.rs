@@ -36,12 +36,7 @@ pub fn attention_forward(
     ctx: &mut [f32],
     probs: &mut [f32],
 ) {
-    let AttnShape {
-        batch,
-        seq: s,
-        heads,
-        head_dim: dh,
-    } = sh;
+    let AttnShape { batch, seq: s, heads, head_dim: dh } = sh;
     let d = sh.d();
     let scale = 1.0 / (dh as f32).sqrt();
     ctx[..batch * s * d]
@@ -70,21 +65,7 @@ pub fn attention_forward(
                     let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
                     row.iter_mut().for_each(|x| *x *= inv);
                 }
-                matmul_strided(
-                    s,
-                    dh,
-                    s,
-                    1.0,
-                    p,
-                    s,
-                    1,
-                    &v[off..],
-                    d,
-                    1,
-                    0.0,
-                    &mut ctx_b[h * dh..],
-                    d,
-                );
+                matmul_strided(s, dh, s, 1.0, p, s, 1, &v[off..], d, 1, 0.0, &mut ctx_b[h * dh..], d);
             }
         });
 }
@@ -102,12 +83,7 @@ pub fn attention_backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
-    let AttnShape {
-        batch,
-        seq: s,
-        heads,
-        head_dim: dh,
-    } = sh;
+    let AttnShape { batch, seq: s, heads, head_dim: dh } = sh;
     let d = sh.d();
     let scale = 1.0 / (dh as f32).sqrt();
     let n = batch * s * d;
@@ -123,37 +99,9 @@ pub fn attention_backward(
                 let p = &probs[(b * heads + h) * s * s..(b * heads + h + 1) * s * s];
                 let off = base + h * dh;
                 // dP = dctx·Vᵀ
-                matmul_strided(
-                    s,
-                    s,
-                    dh,
-                    1.0,
-                    &dctx[off..],
-                    d,
-                    1,
-                    &v[off..],
-                    1,
-                    d,
-                    0.0,
-                    &mut ds,
-                    s,
-                );
+                matmul_strided(s, s, dh, 1.0, &dctx[off..], d, 1, &v[off..], 1, d, 0.0, &mut ds, s);
                 // dV = Pᵀ·dctx
-                matmul_strided(
-                    s,
-                    dh,
-                    s,
-                    1.0,
-                    p,
-                    1,
-                    s,
-                    &dctx[off..],
-                    d,
-                    1,
-                    0.0,
-                    &mut dv_b[h * dh..],
-                    d,
-                );
+                matmul_strided(s, dh, s, 1.0, p, 1, s, &dctx[off..], d, 1, 0.0, &mut dv_b[h * dh..], d);
                 // dS = P ⊙ (dP − Σ_j dP·P) · scale
                 for (dr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
                     let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
@@ -162,36 +110,8 @@ pub fn attention_backward(
                     }
                 }
                 // dQ = dS·K, dK = dSᵀ·Q
-                matmul_strided(
-                    s,
-                    dh,
-                    s,
-                    1.0,
-                    &ds,
-                    s,
-                    1,
-                    &k[off..],
-                    d,
-                    1,
-                    0.0,
-                    &mut dq_b[h * dh..],
-                    d,
-                );
-                matmul_strided(
-                    s,
-                    dh,
-                    s,
-                    1.0,
-                    &ds,
-                    1,
-                    s,
-                    &q[off..],
-                    d,
-                    1,
-                    0.0,
-                    &mut dk_b[h * dh..],
-                    d,
-                );
+                matmul_strided(s, dh, s, 1.0, &ds, s, 1, &k[off..], d, 1, 0.0, &mut dq_b[h * dh..], d);
+                matmul_strided(s, dh, s, 1.0, &ds, 1, s, &q[off..], d, 1, 0.0, &mut dk_b[h * dh..], d);
             }
         });
 }

@@ -29,24 +29,9 @@ pub fn matmul(
     beta: f32,
     c: &mut [f32],
 ) {
-    assert!(
-        a.len() >= m * k,
-        "matmul: A has {} elements, needs {}",
-        a.len(),
-        m * k
-    );
-    assert!(
-        b.len() >= k * n,
-        "matmul: B has {} elements, needs {}",
-        b.len(),
-        k * n
-    );
-    assert!(
-        c.len() >= m * n,
-        "matmul: C has {} elements, needs {}",
-        c.len(),
-        m * n
-    );
+    assert!(a.len() >= m * k, "matmul: A has {} elements, needs {}", a.len(), m * k);
+    assert!(b.len() >= k * n, "matmul: B has {} elements, needs {}", b.len(), k * n);
+    assert!(c.len() >= m * n, "matmul: C has {} elements, needs {}", c.len(), m * n);
     if m == 0 || n == 0 {
         return;
     }
@@ -120,27 +105,15 @@ pub fn matmul_strided(
     c_rs: usize,
 ) {
     if m == 0 || n == 0 || k == 0 {
-        assert!(
-            k != 0 || beta == 0.0 || m == 0 || n == 0,
-            "matmul_strided: k = 0 with beta != 0"
-        );
+        assert!(k != 0 || beta == 0.0 || m == 0 || n == 0, "matmul_strided: k = 0 with beta != 0");
         for i in 0..m {
             c[i * c_rs..i * c_rs + n].fill(0.0);
         }
         return;
     }
-    assert!(
-        (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
-        "matmul_strided: A out of bounds"
-    );
-    assert!(
-        (k - 1) * b_rs + (n - 1) * b_cs < b.len(),
-        "matmul_strided: B out of bounds"
-    );
-    assert!(
-        (m - 1) * c_rs + n <= c.len(),
-        "matmul_strided: C out of bounds"
-    );
+    assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len(), "matmul_strided: A out of bounds");
+    assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len(), "matmul_strided: B out of bounds");
+    assert!((m - 1) * c_rs + n <= c.len(), "matmul_strided: C out of bounds");
     assert!(c_rs >= n, "matmul_strided: C rows overlap");
     // SAFETY: the asserts bound the largest index the kernel reads or writes in each operand.
     unsafe {
@@ -183,16 +156,8 @@ mod tests {
             for j in 0..n {
                 let mut s = 0.0f64;
                 for p in 0..k {
-                    let av = if ta == Trans::N {
-                        a[i * k + p]
-                    } else {
-                        a[p * m + i]
-                    };
-                    let bv = if tb == Trans::N {
-                        b[p * n + j]
-                    } else {
-                        b[j * k + p]
-                    };
+                    let av = if ta == Trans::N { a[i * k + p] } else { a[p * m + i] };
+                    let bv = if tb == Trans::N { b[p * n + j] } else { b[j * k + p] };
                     s += av as f64 * bv as f64;
                 }
                 c[i * n + j] = s as f32;
@@ -204,12 +169,8 @@ mod tests {
     #[test]
     fn all_transposes_match_naive() {
         let (m, n, k) = (37, 29, 53);
-        let a: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 7919) % 13) as f32 / 7.0 - 0.9)
-            .collect();
-        let b: Vec<f32> = (0..k * n)
-            .map(|i| ((i * 104729) % 17) as f32 / 9.0 - 0.8)
-            .collect();
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 13) as f32 / 7.0 - 0.9).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 17) as f32 / 9.0 - 0.8).collect();
         for ta in [Trans::N, Trans::T] {
             for tb in [Trans::N, Trans::T] {
                 let want = naive(m, n, k, &a, ta, &b, tb);
@@ -222,11 +183,7 @@ mod tests {
                 let mut c2 = want.clone();
                 matmul(m, n, k, 0.5, &a, ta, &b, tb, 2.0, &mut c2);
                 for (x, y) in c2.iter().zip(&want) {
-                    assert!(
-                        (x - 2.5 * y).abs() < 1e-3,
-                        "{ta:?}{tb:?} accumulate: {x} vs {}",
-                        2.5 * y
-                    );
+                    assert!((x - 2.5 * y).abs() < 1e-3, "{ta:?}{tb:?} accumulate: {x} vs {}", 2.5 * y);
                 }
             }
         }

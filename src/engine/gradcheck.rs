@@ -10,9 +10,7 @@ use rand::{Rng, SeedableRng};
 
 pub(crate) fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| rng.gen_range(-1.0f32..1.0) * scale)
-        .collect()
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0) * scale).collect()
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {
@@ -40,14 +38,9 @@ pub(crate) fn fd_check(
         let lm = loss(&xp);
         xp[i] = orig;
         let num = (lp - lm) / (2.0 * eps as f64);
-        let err =
-            (num - analytic[i] as f64).abs() / (1.0 + num.abs().max(analytic[i].abs() as f64));
+        let err = (num - analytic[i] as f64).abs() / (1.0 + num.abs().max(analytic[i].abs() as f64));
         worst = worst.max(err);
-        assert!(
-            err < tol,
-            "{name}[{i}]: analytic {} vs numeric {num} (err {err:.2e})",
-            analytic[i]
-        );
+        assert!(err < tol, "{name}[{i}]: analytic {} vs numeric {num} (err {err:.2e})", analytic[i]);
     }
     assert!(worst.is_finite());
 }
@@ -91,17 +84,7 @@ fn layernorm_backward_matches_fd() {
     layernorm_forward(&x, &g, &be, 1e-5, d, &mut y, &mut m, &mut s);
     let mut dx = vec![0.0; rows * d];
     let (mut dg, mut db) = (vec![0.0; d], vec![0.0; d]);
-    layernorm_backward(
-        &r,
-        &x,
-        &m,
-        &s,
-        &g,
-        d,
-        &mut dx,
-        false,
-        Some((&mut dg, &mut db)),
-    );
+    layernorm_backward(&r, &x, &m, &s, &g, d, &mut dx, false, Some((&mut dg, &mut db)));
     fd_check("layernorm dx", &x, &dx, 1e-2, 2e-3, |p| f(p, &g, &be));
     fd_check("layernorm dgamma", &g, &dg, 1e-2, 2e-3, |p| f(&x, p, &be));
     fd_check("layernorm dbeta", &be, &db, 1e-2, 2e-3, |p| f(&x, &g, p));
@@ -134,12 +117,7 @@ fn gelu_backward_matches_fd_both_forms() {
 
 #[test]
 fn attention_backward_matches_fd_with_padding() {
-    let sh = AttnShape {
-        batch: 2,
-        seq: 5,
-        heads: 2,
-        head_dim: 3,
-    };
+    let sh = AttnShape { batch: 2, seq: 5, heads: 2, head_dim: 3 };
     let n = sh.batch * sh.seq * sh.d();
     let q = rand_vec(n, 11, 1.0);
     let k = rand_vec(n, 12, 1.0);
@@ -209,26 +187,13 @@ fn reductions_do_not_depend_on_thread_count() {
     let g = rand_vec(d, 19, 1.0);
     let r = rand_vec(rows * d, 20, 1.0);
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
             let (mut y, mut m, mut s) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
             layernorm_forward(&x, &g, &g, 1e-5, d, &mut y, &mut m, &mut s);
             let mut dx = vec![0.0; rows * d];
             let (mut dg, mut db) = (vec![0.0; d], vec![0.0; d]);
-            layernorm_backward(
-                &r,
-                &x,
-                &m,
-                &s,
-                &g,
-                d,
-                &mut dx,
-                false,
-                Some((&mut dg, &mut db)),
-            );
+            layernorm_backward(&r, &x, &m, &s, &g, d, &mut dx, false, Some((&mut dg, &mut db)));
             let mut bb = vec![0.0; d];
             bias_backward(&r, rows, d, &mut bb);
             (dx, dg, db, bb)

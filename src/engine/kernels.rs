@@ -24,23 +24,13 @@ fn reduce_partials(partials: &[f32], width: usize, out: &mut [f32]) {
 use super::gemm::{matmul, Trans};
 
 /// `y[rows, out] = x[rows, in]·Wᵀ (+ b)`.
-pub fn linear_forward(
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    rows: usize,
-    din: usize,
-    dout: usize,
-    y: &mut [f32],
-) {
+pub fn linear_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, din: usize, dout: usize, y: &mut [f32]) {
     if let Some(b) = b {
-        y[..rows * dout]
-            .par_chunks_mut(dout * ROW_CHUNK)
-            .for_each(|ch| {
-                for r in ch.chunks_mut(dout) {
-                    r.copy_from_slice(b);
-                }
-            });
+        y[..rows * dout].par_chunks_mut(dout * ROW_CHUNK).for_each(|ch| {
+            for r in ch.chunks_mut(dout) {
+                r.copy_from_slice(b);
+            }
+        });
         matmul(rows, dout, din, 1.0, x, Trans::N, w, Trans::T, 1.0, y);
     } else {
         matmul(rows, dout, din, 1.0, x, Trans::N, w, Trans::T, 0.0, y);
@@ -57,29 +47,11 @@ pub fn linear_backward_input(
     dx: &mut [f32],
     accumulate: bool,
 ) {
-    matmul(
-        rows,
-        din,
-        dout,
-        1.0,
-        dy,
-        Trans::N,
-        w,
-        Trans::N,
-        if accumulate { 1.0 } else { 0.0 },
-        dx,
-    );
+    matmul(rows, din, dout, 1.0, dy, Trans::N, w, Trans::N, if accumulate { 1.0 } else { 0.0 }, dx);
 }
 
 /// Weight gradient `dW += dyᵀ·x` (only for trainable weights).
-pub fn linear_backward_weight(
-    dy: &[f32],
-    x: &[f32],
-    rows: usize,
-    din: usize,
-    dout: usize,
-    dw: &mut [f32],
-) {
+pub fn linear_backward_weight(dy: &[f32], x: &[f32], rows: usize, din: usize, dout: usize, dw: &mut [f32]) {
     matmul(dout, din, rows, 1.0, dy, Trans::T, x, Trans::N, 1.0, dw);
 }
 
@@ -146,32 +118,29 @@ pub fn layernorm_backward(
     dparams: Option<(&mut [f32], &mut [f32])>,
 ) {
     let rows = x.len() / d;
-    dx[..rows * d]
-        .par_chunks_mut(d)
-        .enumerate()
-        .for_each(|(r, dxr)| {
-            let xr = &x[r * d..(r + 1) * d];
-            let dyr = &dy[r * d..(r + 1) * d];
-            let (m, rs) = (mean[r], rstd[r]);
-            // xhat = (x - m)·rs; g = dy·γ; dx = rs·(g - mean(g) - xhat·mean(g·xhat))
-            let mut sg = 0.0f32;
-            let mut sgx = 0.0f32;
-            for i in 0..d {
-                let g = dyr[i] * gamma[i];
-                sg += g;
-                sgx += g * (xr[i] - m) * rs;
+    dx[..rows * d].par_chunks_mut(d).enumerate().for_each(|(r, dxr)| {
+        let xr = &x[r * d..(r + 1) * d];
+        let dyr = &dy[r * d..(r + 1) * d];
+        let (m, rs) = (mean[r], rstd[r]);
+        // xhat = (x - m)·rs; g = dy·γ; dx = rs·(g - mean(g) - xhat·mean(g·xhat))
+        let mut sg = 0.0f32;
+        let mut sgx = 0.0f32;
+        for i in 0..d {
+            let g = dyr[i] * gamma[i];
+            sg += g;
+            sgx += g * (xr[i] - m) * rs;
+        }
+        let (mg, mgx) = (sg / d as f32, sgx / d as f32);
+        for i in 0..d {
+            let xhat = (xr[i] - m) * rs;
+            let v = rs * (dyr[i] * gamma[i] - mg - xhat * mgx);
+            if accumulate {
+                dxr[i] += v;
+            } else {
+                dxr[i] = v;
             }
-            let (mg, mgx) = (sg / d as f32, sgx / d as f32);
-            for i in 0..d {
-                let xhat = (xr[i] - m) * rs;
-                let v = rs * (dyr[i] * gamma[i] - mg - xhat * mgx);
-                if accumulate {
-                    dxr[i] += v;
-                } else {
-                    dxr[i] = v;
-                }
-            }
-        });
+        }
+    });
     if let Some((dgamma, dbeta)) = dparams {
         let partials: Vec<f32> = (0..rows.div_ceil(ROW_CHUNK))
             .into_par_iter()
@@ -245,26 +214,20 @@ impl Gelu {
 
 /// `y = gelu(x)` elementwise.
 pub fn gelu_forward(kind: Gelu, x: &[f32], y: &mut [f32]) {
-    y[..x.len()]
-        .par_chunks_mut(4096)
-        .zip(x.par_chunks(4096))
-        .for_each(|(yc, xc)| {
-            for (o, v) in yc.iter_mut().zip(xc) {
-                *o = kind.f(*v);
-            }
-        });
+    y[..x.len()].par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(yc, xc)| {
+        for (o, v) in yc.iter_mut().zip(xc) {
+            *o = kind.f(*v);
+        }
+    });
 }
 
 /// `dx = dy·gelu'(x)` elementwise, in place on `d` (which holds `dy` on entry).
 pub fn gelu_backward_inplace(kind: Gelu, x: &[f32], d: &mut [f32]) {
-    d[..x.len()]
-        .par_chunks_mut(4096)
-        .zip(x.par_chunks(4096))
-        .for_each(|(dc, xc)| {
-            for (g, v) in dc.iter_mut().zip(xc) {
-                *g *= kind.df(*v);
-            }
-        });
+    d[..x.len()].par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(dc, xc)| {
+        for (g, v) in dc.iter_mut().zip(xc) {
+            *g *= kind.df(*v);
+        }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -336,70 +299,48 @@ impl std::str::FromStr for Pooling {
 }
 
 /// `h` is `[batch, seq, d]`, `mask` `[batch, seq]` (1 = token, 0 = padding). Writes `out[batch, d]`.
-pub fn pool_forward(
-    mode: Pooling,
-    h: &[f32],
-    mask: &[f32],
-    batch: usize,
-    seq: usize,
-    d: usize,
-    out: &mut [f32],
-) {
-    out[..batch * d]
-        .par_chunks_mut(d)
-        .enumerate()
-        .for_each(|(b, o)| match mode {
-            Pooling::Cls => o.copy_from_slice(&h[b * seq * d..b * seq * d + d]),
-            Pooling::Mean => {
-                o.fill(0.0);
-                let mut cnt = 0.0f32;
-                for s in 0..seq {
-                    let m = mask[b * seq + s];
-                    if m != 0.0 {
-                        cnt += m;
-                        let hr = &h[(b * seq + s) * d..(b * seq + s + 1) * d];
-                        for (a, v) in o.iter_mut().zip(hr) {
-                            *a += m * v;
-                        }
+pub fn pool_forward(mode: Pooling, h: &[f32], mask: &[f32], batch: usize, seq: usize, d: usize, out: &mut [f32]) {
+    out[..batch * d].par_chunks_mut(d).enumerate().for_each(|(b, o)| match mode {
+        Pooling::Cls => o.copy_from_slice(&h[b * seq * d..b * seq * d + d]),
+        Pooling::Mean => {
+            o.fill(0.0);
+            let mut cnt = 0.0f32;
+            for s in 0..seq {
+                let m = mask[b * seq + s];
+                if m != 0.0 {
+                    cnt += m;
+                    let hr = &h[(b * seq + s) * d..(b * seq + s + 1) * d];
+                    for (a, v) in o.iter_mut().zip(hr) {
+                        *a += m * v;
                     }
                 }
-                let inv = 1.0 / cnt.max(1e-9);
-                o.iter_mut().for_each(|v| *v *= inv);
             }
-        });
+            let inv = 1.0 / cnt.max(1e-9);
+            o.iter_mut().for_each(|v| *v *= inv);
+        }
+    });
 }
 
 /// Backward of [`pool_forward`]: writes `dh[batch, seq, d]`.
-pub fn pool_backward(
-    mode: Pooling,
-    dout: &[f32],
-    mask: &[f32],
-    batch: usize,
-    seq: usize,
-    d: usize,
-    dh: &mut [f32],
-) {
-    dh[..batch * seq * d]
-        .par_chunks_mut(seq * d)
-        .enumerate()
-        .for_each(|(b, dhb)| {
-            dhb.fill(0.0);
-            let g = &dout[b * d..(b + 1) * d];
-            match mode {
-                Pooling::Cls => dhb[..d].copy_from_slice(g),
-                Pooling::Mean => {
-                    let cnt: f32 = mask[b * seq..(b + 1) * seq].iter().sum::<f32>().max(1e-9);
-                    for s in 0..seq {
-                        let m = mask[b * seq + s];
-                        if m != 0.0 {
-                            for (o, v) in dhb[s * d..(s + 1) * d].iter_mut().zip(g) {
-                                *o = m * v / cnt;
-                            }
+pub fn pool_backward(mode: Pooling, dout: &[f32], mask: &[f32], batch: usize, seq: usize, d: usize, dh: &mut [f32]) {
+    dh[..batch * seq * d].par_chunks_mut(seq * d).enumerate().for_each(|(b, dhb)| {
+        dhb.fill(0.0);
+        let g = &dout[b * d..(b + 1) * d];
+        match mode {
+            Pooling::Cls => dhb[..d].copy_from_slice(g),
+            Pooling::Mean => {
+                let cnt: f32 = mask[b * seq..(b + 1) * seq].iter().sum::<f32>().max(1e-9);
+                for s in 0..seq {
+                    let m = mask[b * seq + s];
+                    if m != 0.0 {
+                        for (o, v) in dhb[s * d..(s + 1) * d].iter_mut().zip(g) {
+                            *o = m * v / cnt;
                         }
                     }
                 }
             }
-        });
+        }
+    });
 }
 
 /// L2-normalise each row of `x` in place (as sentence-transformers' Normalize module; eps 1e-12).

@@ -14,19 +14,8 @@ pub struct Param {
 
 impl Param {
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            data.len(),
-            "Param shape {shape:?} vs {} values",
-            data.len()
-        );
-        Param {
-            shape,
-            data,
-            grad: Vec::new(),
-            m: Vec::new(),
-            v: Vec::new(),
-        }
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "Param shape {shape:?} vs {} values", data.len());
+        Param { shape, data, grad: Vec::new(), m: Vec::new(), v: Vec::new() }
     }
     pub fn zeros(shape: Vec<usize>) -> Self {
         let n = shape.iter().product();
@@ -70,13 +59,7 @@ pub struct AdamW {
 
 impl Default for AdamW {
     fn default() -> Self {
-        AdamW {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        }
+        AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
     }
 }
 
@@ -112,10 +95,7 @@ mod tests {
     fn adamw_minimises_a_quadratic_and_frozen_params_never_move() {
         let mut p = Param::new(vec![3], vec![1.0, -2.0, 3.0]);
         p.set_trainable(true);
-        let opt = AdamW {
-            lr: 0.1,
-            ..Default::default()
-        };
+        let opt = AdamW { lr: 0.1, ..Default::default() };
         for t in 1..=500 {
             p.zero_grad();
             for i in 0..3 {

@@ -135,8 +135,7 @@ impl BankLinear {
         for (n, m) in bank.iter().enumerate() {
             a_cat.extend_from_slice(&m.a);
             for o in 0..self.dout {
-                b_cat[o * rt + offsets[n]..o * rt + offsets[n + 1]]
-                    .copy_from_slice(&m.b[o * m.r..(o + 1) * m.r]);
+                b_cat[o * rt + offsets[n]..o * rt + offsets[n + 1]].copy_from_slice(&m.b[o * m.r..(o + 1) * m.r]);
             }
         }
         self.bank = bank;
@@ -186,23 +185,10 @@ impl BankLinear {
         for (n, m) in self.bank.iter().enumerate() {
             let c = weights[n] * m.scale;
             for o in 0..self.dout {
-                bc[o * rt + self.offsets[n]..o * rt + self.offsets[n + 1]]
-                    .iter_mut()
-                    .for_each(|v| *v *= c);
+                bc[o * rt + self.offsets[n]..o * rt + self.offsets[n + 1]].iter_mut().for_each(|v| *v *= c);
             }
         }
-        matmul(
-            self.dout,
-            self.din,
-            rt,
-            1.0,
-            &bc,
-            Trans::N,
-            &self.a_cat,
-            Trans::N,
-            1.0,
-            dst,
-        );
+        matmul(self.dout, self.din, rt, 1.0, &bc, Trans::N, &self.a_cat, Trans::N, 1.0, dst);
     }
 
     /// Flop-count choice between the two exact paths for `rows` input rows.
@@ -210,23 +196,14 @@ impl BankLinear {
         if let Some(p) = self.force_path {
             return p;
         }
-        let (i, o, r, t) = (
-            self.din as f64,
-            self.dout as f64,
-            self.bank_rank() as f64,
-            rows as f64,
-        );
+        let (i, o, r, t) = (self.din as f64, self.dout as f64, self.bank_rank() as f64, rows as f64);
         let merged = if need_weight_grad {
             // build ΔW, dW = dyᵀx, B_catᵀ·dW
             2.0 * o * i * r + t * o * i
         } else {
             o * i * r
         };
-        let factored = if need_weight_grad {
-            2.0 * t * r * (i + o)
-        } else {
-            t * r * (i + o)
-        };
+        let factored = if need_weight_grad { 2.0 * t * r * (i + o) } else { t * r * (i + o) };
         if merged <= factored {
             BankPath::Merged
         } else {
@@ -247,12 +224,7 @@ impl BankLinear {
             linear_forward(x, &self.w.data, bias, rows, din, dout, y);
         } else {
             self.weights = self.module_weights();
-            self.coef = self
-                .bank
-                .iter()
-                .zip(&self.weights)
-                .map(|(m, w)| w * m.scale)
-                .collect();
+            self.coef = self.bank.iter().zip(&self.weights).map(|(m, w)| w * m.scale).collect();
             let training_comp = self.learned() && self.trainable_logits();
             let path = self.choose_path(rows, training_comp);
             self.path_used = Some(path);
@@ -273,60 +245,16 @@ impl BankLinear {
                     linear_forward(x, &self.w.data, bias, rows, din, dout, y);
                     let rt = self.bank_rank();
                     self.u.resize(rows * rt, 0.0);
-                    matmul(
-                        rows,
-                        rt,
-                        din,
-                        1.0,
-                        x,
-                        Trans::N,
-                        &self.a_cat,
-                        Trans::T,
-                        0.0,
-                        &mut self.u,
-                    );
+                    matmul(rows, rt, din, 1.0, x, Trans::N, &self.a_cat, Trans::T, 0.0, &mut self.u);
                     self.scale_cols(rows, true);
-                    matmul(
-                        rows,
-                        dout,
-                        rt,
-                        1.0,
-                        &self.scratch,
-                        Trans::N,
-                        &self.b_cat,
-                        Trans::T,
-                        1.0,
-                        y,
-                    );
+                    matmul(rows, dout, rt, 1.0, &self.scratch, Trans::N, &self.b_cat, Trans::T, 1.0, y);
                 }
             }
         }
         if let Some(f) = &self.fresh {
             self.uf.resize(rows * f.r, 0.0);
-            matmul(
-                rows,
-                f.r,
-                din,
-                1.0,
-                x,
-                Trans::N,
-                &f.a.data,
-                Trans::T,
-                0.0,
-                &mut self.uf,
-            );
-            matmul(
-                rows,
-                dout,
-                f.r,
-                f.scale,
-                &self.uf,
-                Trans::N,
-                &f.b.data,
-                Trans::T,
-                1.0,
-                y,
-            );
+            matmul(rows, f.r, din, 1.0, x, Trans::N, &f.a.data, Trans::T, 0.0, &mut self.uf);
+            matmul(rows, dout, f.r, f.scale, &self.uf, Trans::N, &f.b.data, Trans::T, 1.0, y);
         }
     }
 
@@ -351,14 +279,7 @@ impl BankLinear {
     /// Backward. `x` is the input given to the last `forward`, `dy` the output gradient. Accumulates gradients
     /// of the trainable parameters (W and bias when trainable, learned logits, fresh LoRA) and writes `dx` when
     /// asked (adding to it when `accumulate`).
-    pub fn backward(
-        &mut self,
-        x: &[f32],
-        dy: &[f32],
-        rows: usize,
-        dx: Option<&mut [f32]>,
-        accumulate: bool,
-    ) {
+    pub fn backward(&mut self, x: &[f32], dy: &[f32], rows: usize, dx: Option<&mut [f32]>, accumulate: bool) {
         let (din, dout) = (self.din, self.dout);
         if let Some(b) = self.bias.as_mut() {
             if b.trainable() {
@@ -374,38 +295,12 @@ impl BankLinear {
             Some(BankPath::Merged) if learned => {
                 // dW_eff = dyᵀ·x; g_n = s_n·⟨B_n·A_n, dW_eff⟩ = s_n·Σ_{j∈n} (B_catᵀ·dW_eff)[j,:]·A_cat[j,:]
                 self.scratch.resize(dout * din, 0.0);
-                matmul(
-                    dout,
-                    din,
-                    rows,
-                    1.0,
-                    dy,
-                    Trans::T,
-                    x,
-                    Trans::N,
-                    0.0,
-                    &mut self.scratch,
-                );
+                matmul(dout, din, rows, 1.0, dy, Trans::T, x, Trans::N, 0.0, &mut self.scratch);
                 if self.w.trainable() {
-                    self.w
-                        .grad
-                        .iter_mut()
-                        .zip(&self.scratch)
-                        .for_each(|(g, v)| *g += v);
+                    self.w.grad.iter_mut().zip(&self.scratch).for_each(|(g, v)| *g += v);
                 }
                 self.scratch2.resize(rt * din, 0.0);
-                matmul(
-                    rt,
-                    din,
-                    dout,
-                    1.0,
-                    &self.b_cat,
-                    Trans::T,
-                    &self.scratch,
-                    Trans::N,
-                    0.0,
-                    &mut self.scratch2,
-                );
+                matmul(rt, din, dout, 1.0, &self.b_cat, Trans::T, &self.scratch, Trans::N, 0.0, &mut self.scratch2);
                 for (n, m) in self.bank.iter().enumerate() {
                     let mut s = 0.0f32;
                     for j in self.offsets[n]..self.offsets[n + 1] {
@@ -426,18 +321,7 @@ impl BankLinear {
         let factored = path == Some(BankPath::Factored);
         if factored && (learned || dx.is_some()) {
             self.scratch2.resize(rows * rt, 0.0);
-            matmul(
-                rows,
-                rt,
-                dout,
-                1.0,
-                dy,
-                Trans::N,
-                &self.b_cat,
-                Trans::N,
-                0.0,
-                &mut self.scratch2,
-            );
+            matmul(rows, rt, dout, 1.0, dy, Trans::N, &self.b_cat, Trans::N, 0.0, &mut self.scratch2);
             if learned {
                 for (n, m) in self.bank.iter().enumerate() {
                     let mut s = 0.0f32;
@@ -463,82 +347,23 @@ impl BankLinear {
         let mut guf = Vec::new();
         if let Some(f) = self.fresh.as_mut() {
             if f.b.trainable() {
-                matmul(
-                    dout,
-                    f.r,
-                    rows,
-                    f.scale,
-                    dy,
-                    Trans::T,
-                    &self.uf,
-                    Trans::N,
-                    1.0,
-                    &mut f.b.grad,
-                );
+                matmul(dout, f.r, rows, f.scale, dy, Trans::T, &self.uf, Trans::N, 1.0, &mut f.b.grad);
             }
             guf = vec![0.0f32; rows * f.r];
-            matmul(
-                rows,
-                f.r,
-                dout,
-                f.scale,
-                dy,
-                Trans::N,
-                &f.b.data,
-                Trans::N,
-                0.0,
-                &mut guf,
-            );
+            matmul(rows, f.r, dout, f.scale, dy, Trans::N, &f.b.data, Trans::N, 0.0, &mut guf);
             if f.a.trainable() {
-                matmul(
-                    f.r,
-                    din,
-                    rows,
-                    1.0,
-                    &guf,
-                    Trans::T,
-                    x,
-                    Trans::N,
-                    1.0,
-                    &mut f.a.grad,
-                );
+                matmul(f.r, din, rows, 1.0, &guf, Trans::T, x, Trans::N, 1.0, &mut f.a.grad);
             }
         }
         if let Some(dx) = dx {
-            let wmat = if path == Some(BankPath::Merged) {
-                &self.merged
-            } else {
-                &self.w.data
-            };
+            let wmat = if path == Some(BankPath::Merged) { &self.merged } else { &self.w.data };
             linear_backward_input(dy, wmat, rows, din, dout, dx, accumulate);
             if factored {
                 self.scale_cols(rows, false);
-                matmul(
-                    rows,
-                    din,
-                    rt,
-                    1.0,
-                    &self.scratch,
-                    Trans::N,
-                    &self.a_cat,
-                    Trans::N,
-                    1.0,
-                    dx,
-                );
+                matmul(rows, din, rt, 1.0, &self.scratch, Trans::N, &self.a_cat, Trans::N, 1.0, dx);
             }
             if let Some(f) = &self.fresh {
-                matmul(
-                    rows,
-                    din,
-                    f.r,
-                    1.0,
-                    &guf,
-                    Trans::N,
-                    &f.a.data,
-                    Trans::N,
-                    1.0,
-                    dx,
-                );
+                matmul(rows, din, f.r, 1.0, &guf, Trans::N, &f.a.data, Trans::N, 1.0, dx);
             }
         }
     }

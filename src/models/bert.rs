@@ -7,9 +7,7 @@
 use super::config::BertConfig;
 use super::weights::TensorFile;
 use crate::engine::attention::{attention_backward, attention_forward, AttnShape};
-use crate::engine::kernels::{
-    gelu_backward_inplace, gelu_forward, layernorm_backward, layernorm_forward, Gelu,
-};
+use crate::engine::kernels::{gelu_backward_inplace, gelu_forward, layernorm_backward, layernorm_forward, Gelu};
 use crate::engine::param::Param;
 use crate::lora::bank::BankLinear;
 use anyhow::{anyhow, bail, Result};
@@ -68,34 +66,17 @@ pub const LINEAR_NAMES: [&str; 6] = [
 
 impl Layer {
     pub fn linears_mut(&mut self) -> [&mut BankLinear; 6] {
-        [
-            &mut self.query,
-            &mut self.key,
-            &mut self.value,
-            &mut self.attn_out,
-            &mut self.inter,
-            &mut self.out,
-        ]
+        [&mut self.query, &mut self.key, &mut self.value, &mut self.attn_out, &mut self.inter, &mut self.out]
     }
     pub fn linears(&self) -> [&BankLinear; 6] {
-        [
-            &self.query,
-            &self.key,
-            &self.value,
-            &self.attn_out,
-            &self.inter,
-            &self.out,
-        ]
+        [&self.query, &self.key, &self.value, &self.attn_out, &self.inter, &self.out]
     }
     fn has_trainable(&mut self) -> bool {
         self.ln1_g.trainable()
             || self.ln1_b.trainable()
             || self.ln2_g.trainable()
             || self.ln2_b.trainable()
-            || self
-                .linears_mut()
-                .into_iter()
-                .any(|l| !l.trainable_params_mut().is_empty())
+            || self.linears_mut().into_iter().any(|l| !l.trainable_params_mut().is_empty())
     }
 }
 
@@ -161,10 +142,7 @@ impl Bert {
         let cfg = BertConfig::from_file(&dir.join("config.json"))?;
         let wpath = dir.join("model.safetensors");
         if !wpath.exists() {
-            bail!(
-                "{}: missing (loracomp reads weights from model.safetensors)",
-                wpath.display()
-            );
+            bail!("{}: missing (loracomp reads weights from model.safetensors)", wpath.display());
         }
         let mut tf = TensorFile::open(&wpath)?;
         Self::from_tensors(cfg, &mut tf)
@@ -173,28 +151,15 @@ impl Bert {
     /// Build from a config and a tensor file whose keys are `BertModel`'s, optionally prefixed by `bert.`.
     pub fn from_tensors(cfg: BertConfig, tf: &mut TensorFile) -> Result<Self> {
         let gelu = cfg.gelu()?;
-        let prefix = if tf.contains("bert.embeddings.word_embeddings.weight") {
-            "bert."
-        } else {
-            ""
-        };
+        let prefix = if tf.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
         let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
         let mut p = |key: &str, shape: &[usize]| -> Result<Param> {
-            Ok(Param::new(
-                shape.to_vec(),
-                tf.take(&format!("{prefix}{key}"), shape)?,
-            ))
+            Ok(Param::new(shape.to_vec(), tf.take(&format!("{prefix}{key}"), shape)?))
         };
         let emb = Embeddings {
             word: p("embeddings.word_embeddings.weight", &[cfg.vocab_size, d])?,
-            pos: p(
-                "embeddings.position_embeddings.weight",
-                &[cfg.max_position_embeddings, d],
-            )?,
-            typ: p(
-                "embeddings.token_type_embeddings.weight",
-                &[cfg.type_vocab_size, d],
-            )?,
+            pos: p("embeddings.position_embeddings.weight", &[cfg.max_position_embeddings, d])?,
+            typ: p("embeddings.token_type_embeddings.weight", &[cfg.type_vocab_size, d])?,
             ln_g: p("embeddings.LayerNorm.weight", &[d])?,
             ln_b: p("embeddings.LayerNorm.bias", &[d])?,
         };
@@ -218,25 +183,13 @@ impl Bert {
                 attn_out,
                 inter,
                 out,
-                ln1_g: p(
-                    &format!("encoder.layer.{l}.attention.output.LayerNorm.weight"),
-                    &[d],
-                )?,
-                ln1_b: p(
-                    &format!("encoder.layer.{l}.attention.output.LayerNorm.bias"),
-                    &[d],
-                )?,
+                ln1_g: p(&format!("encoder.layer.{l}.attention.output.LayerNorm.weight"), &[d])?,
+                ln1_b: p(&format!("encoder.layer.{l}.attention.output.LayerNorm.bias"), &[d])?,
                 ln2_g: p(&format!("encoder.layer.{l}.output.LayerNorm.weight"), &[d])?,
                 ln2_b: p(&format!("encoder.layer.{l}.output.LayerNorm.bias"), &[d])?,
             });
         }
-        Ok(Bert {
-            cfg,
-            gelu,
-            emb,
-            layers,
-            ws: Workspace::default(),
-        })
+        Ok(Bert { cfg, gelu, emb, layers, ws: Workspace::default() })
     }
 
     pub fn hidden(&self) -> usize {
@@ -249,40 +202,23 @@ impl Bert {
         let (idx, name) = rest.split_once('.')?;
         let l: usize = idx.parse().ok()?;
         let pos = LINEAR_NAMES.iter().position(|n| *n == name)?;
-        self.layers
-            .get_mut(l)
-            .map(|layer| layer.linears_mut().into_iter().nth(pos).unwrap())
+        self.layers.get_mut(l).map(|layer| layer.linears_mut().into_iter().nth(pos).unwrap())
     }
 
     /// Every linear module path of the encoder, in layer order.
     pub fn linear_paths(&self) -> Vec<String> {
         (0..self.layers.len())
-            .flat_map(|l| {
-                LINEAR_NAMES
-                    .iter()
-                    .map(move |n| format!("encoder.layer.{l}.{n}"))
-            })
+            .flat_map(|l| LINEAR_NAMES.iter().map(move |n| format!("encoder.layer.{l}.{n}")))
             .collect()
     }
 
     /// Make every weight of the encoder trainable (full fine-tuning) or frozen.
     pub fn set_all_trainable(&mut self, on: bool) {
-        for p in [
-            &mut self.emb.word,
-            &mut self.emb.pos,
-            &mut self.emb.typ,
-            &mut self.emb.ln_g,
-            &mut self.emb.ln_b,
-        ] {
+        for p in [&mut self.emb.word, &mut self.emb.pos, &mut self.emb.typ, &mut self.emb.ln_g, &mut self.emb.ln_b] {
             p.set_trainable(on);
         }
         for layer in &mut self.layers {
-            for p in [
-                &mut layer.ln1_g,
-                &mut layer.ln1_b,
-                &mut layer.ln2_g,
-                &mut layer.ln2_b,
-            ] {
+            for p in [&mut layer.ln1_g, &mut layer.ln1_b, &mut layer.ln2_g, &mut layer.ln2_b] {
                 p.set_trainable(on);
             }
             for lin in layer.linears_mut() {
@@ -310,18 +246,7 @@ impl Bert {
             }
         }
         for (l, layer) in self.layers.iter_mut().enumerate() {
-            let Layer {
-                query,
-                key,
-                value,
-                attn_out,
-                ln1_g,
-                ln1_b,
-                inter,
-                out: o,
-                ln2_g,
-                ln2_b,
-            } = layer;
+            let Layer { query, key, value, attn_out, ln1_g, ln1_b, inter, out: o, ln2_g, ln2_b } = layer;
             for (n, p) in [
                 ("attention.output.LayerNorm.weight", ln1_g),
                 ("attention.output.LayerNorm.bias", ln1_b),
@@ -332,10 +257,7 @@ impl Bert {
                     out.push((format!("encoder.layer.{l}.{n}"), p));
                 }
             }
-            for (name, lin) in LINEAR_NAMES
-                .iter()
-                .zip([query, key, value, attn_out, inter, o])
-            {
+            for (name, lin) in LINEAR_NAMES.iter().zip([query, key, value, attn_out, inter, o]) {
                 for (suffix, p) in lin.trainable_params_mut() {
                     out.push((format!("encoder.layer.{l}.{name}.{suffix}"), p));
                 }
@@ -347,34 +269,16 @@ impl Bert {
     fn check_batch(&self, b: &Batch) -> Result<()> {
         let n = b.rows();
         if b.ids.len() != n || b.types.len() != n || b.mask.len() != n {
-            bail!(
-                "batch arrays do not match [batch {}, seq {}]",
-                b.batch,
-                b.seq
-            );
+            bail!("batch arrays do not match [batch {}, seq {}]", b.batch, b.seq);
         }
         if b.seq > self.cfg.max_position_embeddings {
-            bail!(
-                "sequence length {} exceeds max_position_embeddings {}",
-                b.seq,
-                self.cfg.max_position_embeddings
-            );
+            bail!("sequence length {} exceeds max_position_embeddings {}", b.seq, self.cfg.max_position_embeddings);
         }
         if let Some(id) = b.ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-            bail!(
-                "token id {id} is outside the vocabulary (vocab_size {})",
-                self.cfg.vocab_size
-            );
+            bail!("token id {id} is outside the vocabulary (vocab_size {})", self.cfg.vocab_size);
         }
-        if let Some(t) = b
-            .types
-            .iter()
-            .find(|&&t| t as usize >= self.cfg.type_vocab_size)
-        {
-            bail!(
-                "token type {t} is outside type_vocab_size {}",
-                self.cfg.type_vocab_size
-            );
+        if let Some(t) = b.types.iter().find(|&&t| t as usize >= self.cfg.type_vocab_size) {
+            bail!("token type {t} is outside type_vocab_size {}", self.cfg.type_vocab_size);
         }
         Ok(())
     }
@@ -394,11 +298,7 @@ impl Bert {
         // Embeddings.
         let sum = sized(&mut ws.emb_sum, t * d);
         for (r, row) in sum.chunks_mut(d).enumerate() {
-            let (id, ty, s) = (
-                batch.ids[r] as usize,
-                batch.types[r] as usize,
-                r % batch.seq,
-            );
+            let (id, ty, s) = (batch.ids[r] as usize, batch.types[r] as usize, r % batch.seq);
             let w = &self.emb.word.data[id * d..(id + 1) * d];
             let p = &self.emb.pos.data[s * d..(s + 1) * d];
             let ty = &self.emb.typ.data[ty * d..(ty + 1) * d];
@@ -433,15 +333,7 @@ impl Bert {
             layer.key.forward(x, t, sized(&mut c.k, t * d));
             layer.value.forward(x, t, sized(&mut c.v, t * d));
             sized(&mut c.probs, sh.probs_len());
-            attention_forward(
-                sh,
-                &c.q,
-                &c.k,
-                &c.v,
-                &batch.mask,
-                sized(&mut c.ctx, t * d),
-                &mut c.probs,
-            );
+            attention_forward(sh, &c.q, &c.k, &c.v, &batch.mask, sized(&mut c.ctx, t * d), &mut c.probs);
             layer.attn_out.forward(&c.ctx, t, sized(&mut c.pre1, t * d));
             c.pre1.iter_mut().zip(x.iter()).for_each(|(a, b)| *a += b);
             sized(&mut c.mean1, t);
@@ -459,10 +351,7 @@ impl Bert {
             layer.inter.forward(&c.h1, t, sized(&mut c.ipre, t * inter));
             gelu_forward(self.gelu, &c.ipre, sized(&mut c.g, t * inter));
             layer.out.forward(&c.g, t, sized(&mut c.pre2, t * d));
-            c.pre2
-                .iter_mut()
-                .zip(c.h1.iter())
-                .for_each(|(a, b)| *a += b);
+            c.pre2.iter_mut().zip(c.h1.iter()).for_each(|(a, b)| *a += b);
             sized(&mut c.mean2, t);
             sized(&mut c.rstd2, t);
             let y = &mut after[0];
@@ -487,11 +376,7 @@ impl Bert {
 
     fn embeddings_trainable(&self) -> bool {
         let e = &self.emb;
-        e.word.trainable()
-            || e.pos.trainable()
-            || e.typ.trainable()
-            || e.ln_g.trainable()
-            || e.ln_b.trainable()
+        e.word.trainable() || e.pos.trainable() || e.typ.trainable() || e.ln_g.trainable() || e.ln_b.trainable()
     }
 
     /// Backward pass from `d_last` (gradient of the last hidden state). Accumulates into trainable parameters
@@ -502,11 +387,7 @@ impl Bert {
         let batch = self.ws.batch.clone();
         let t = batch.rows();
         if d_last.len() != t * d {
-            return Err(anyhow!(
-                "backward: gradient has {} values, expected {}",
-                d_last.len(),
-                t * d
-            ));
+            return Err(anyhow!("backward: gradient has {} values, expected {}", d_last.len(), t * d));
         }
         let emb_tr = self.embeddings_trainable();
         let first = if emb_tr {
@@ -527,26 +408,13 @@ impl Bert {
         sized(&mut ws.dh, t * d).copy_from_slice(d_last);
         for l in (first..self.layers.len()).rev() {
             let need_dx = l > first || emb_tr;
-            let Layer {
-                query,
-                key,
-                value,
-                attn_out,
-                ln1_g,
-                ln1_b,
-                inter: inter_l,
-                out,
-                ln2_g,
-                ln2_b,
-            } = &mut self.layers[l];
+            let Layer { query, key, value, attn_out, ln1_g, ln1_b, inter: inter_l, out, ln2_g, ln2_b } =
+                &mut self.layers[l];
             let c = &ws.caches[l];
             let x = &ws.hs[l];
             // LN2
-            let lp = if ln2_g.trainable() {
-                Some((ln2_g.grad.as_mut_slice(), ln2_b.grad.as_mut_slice()))
-            } else {
-                None
-            };
+            let lp =
+                if ln2_g.trainable() { Some((ln2_g.grad.as_mut_slice(), ln2_b.grad.as_mut_slice())) } else { None };
             layernorm_backward(
                 &ws.dh,
                 &c.pre2,
@@ -565,22 +433,9 @@ impl Bert {
             sized(&mut ws.dh1, t * d).copy_from_slice(&ws.dpre);
             inter_l.backward(&c.h1, &ws.dg, t, Some(&mut ws.dh1), true);
             // LN1
-            let lp = if ln1_g.trainable() {
-                Some((ln1_g.grad.as_mut_slice(), ln1_b.grad.as_mut_slice()))
-            } else {
-                None
-            };
-            layernorm_backward(
-                &ws.dh1,
-                &c.pre1,
-                &c.mean1,
-                &c.rstd1,
-                &ln1_g.data,
-                d,
-                &mut ws.dpre,
-                false,
-                lp,
-            );
+            let lp =
+                if ln1_g.trainable() { Some((ln1_g.grad.as_mut_slice(), ln1_b.grad.as_mut_slice())) } else { None };
+            layernorm_backward(&ws.dh1, &c.pre1, &c.mean1, &c.rstd1, &ln1_g.data, d, &mut ws.dpre, false, lp);
             // attention output dense
             attn_out.backward(&c.ctx, &ws.dpre, t, Some(sized(&mut ws.dctx, t * d)), false);
             attention_backward(
@@ -607,11 +462,8 @@ impl Bert {
         }
         if emb_tr {
             let e = &mut self.emb;
-            let lp = if e.ln_g.trainable() {
-                Some((e.ln_g.grad.as_mut_slice(), e.ln_b.grad.as_mut_slice()))
-            } else {
-                None
-            };
+            let lp =
+                if e.ln_g.trainable() { Some((e.ln_g.grad.as_mut_slice(), e.ln_b.grad.as_mut_slice())) } else { None };
             layernorm_backward(
                 &ws.dh,
                 &ws.emb_sum,
@@ -625,17 +477,10 @@ impl Bert {
             );
             for r in 0..t {
                 let g = &ws.dpre[r * d..(r + 1) * d];
-                let (id, ty, s) = (
-                    batch.ids[r] as usize,
-                    batch.types[r] as usize,
-                    r % batch.seq,
-                );
+                let (id, ty, s) = (batch.ids[r] as usize, batch.types[r] as usize, r % batch.seq);
                 for (dst, idx) in [(&mut e.word, id), (&mut e.pos, s), (&mut e.typ, ty)] {
                     if dst.trainable() {
-                        dst.grad[idx * d..(idx + 1) * d]
-                            .iter_mut()
-                            .zip(g)
-                            .for_each(|(a, b)| *a += b);
+                        dst.grad[idx * d..(idx + 1) * d].iter_mut().zip(g).for_each(|(a, b)| *a += b);
                     }
                 }
             }
@@ -653,18 +498,9 @@ impl Bert {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
         let mut names: Vec<(String, Vec<usize>)> = vec![
-            (
-                "embeddings.word_embeddings.weight".into(),
-                vec![cfg.vocab_size, d],
-            ),
-            (
-                "embeddings.position_embeddings.weight".into(),
-                vec![cfg.max_position_embeddings, d],
-            ),
-            (
-                "embeddings.token_type_embeddings.weight".into(),
-                vec![cfg.type_vocab_size, d],
-            ),
+            ("embeddings.word_embeddings.weight".into(), vec![cfg.vocab_size, d]),
+            ("embeddings.position_embeddings.weight".into(), vec![cfg.max_position_embeddings, d]),
+            ("embeddings.token_type_embeddings.weight".into(), vec![cfg.type_vocab_size, d]),
             ("embeddings.LayerNorm.weight".into(), vec![d]),
             ("embeddings.LayerNorm.bias".into(), vec![d]),
         ];
@@ -693,16 +529,11 @@ impl Bert {
             } else if n.ends_with("bias") {
                 vec![0.0; len]
             } else {
-                (0..len)
-                    .map(|_| crate::util::normal(&mut rng) * 0.02)
-                    .collect()
+                (0..len).map(|_| crate::util::normal(&mut rng) * 0.02).collect()
             };
             tensors.insert(n, (shape, data));
         }
-        let mut tf = TensorFile {
-            path: "<random>".into(),
-            tensors,
-        };
+        let mut tf = TensorFile { path: "<random>".into(), tensors, unusable: Default::default() };
         Self::from_tensors(cfg, &mut tf)
     }
 
@@ -725,22 +556,10 @@ impl Bert {
                     put(format!("encoder.layer.{l}.{n}.bias"), b);
                 }
             }
-            put(
-                format!("encoder.layer.{l}.attention.output.LayerNorm.weight"),
-                &layer.ln1_g,
-            );
-            put(
-                format!("encoder.layer.{l}.attention.output.LayerNorm.bias"),
-                &layer.ln1_b,
-            );
-            put(
-                format!("encoder.layer.{l}.output.LayerNorm.weight"),
-                &layer.ln2_g,
-            );
-            put(
-                format!("encoder.layer.{l}.output.LayerNorm.bias"),
-                &layer.ln2_b,
-            );
+            put(format!("encoder.layer.{l}.attention.output.LayerNorm.weight"), &layer.ln1_g);
+            put(format!("encoder.layer.{l}.attention.output.LayerNorm.bias"), &layer.ln1_b);
+            put(format!("encoder.layer.{l}.output.LayerNorm.weight"), &layer.ln2_g);
+            put(format!("encoder.layer.{l}.output.LayerNorm.bias"), &layer.ln2_b);
         }
         m
     }

@@ -29,9 +29,7 @@ impl Classifier {
         use rand::SeedableRng;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x4845_4144);
         let d = bert.hidden();
-        let w: Vec<f32> = (0..classes * d)
-            .map(|_| crate::util::normal(&mut rng) * 0.02)
-            .collect();
+        let w: Vec<f32> = (0..classes * d).map(|_| crate::util::normal(&mut rng) * 0.02).collect();
         let mut wp = Param::new(vec![classes, d], w);
         let mut bp = Param::zeros(vec![classes]);
         wp.set_trainable(true);
@@ -61,18 +59,9 @@ impl Classifier {
         let d = self.bert.hidden();
         let h = self.bert.forward(batch)?;
         self.pooled.resize(batch.batch * d, 0.0);
-        pool_forward(
-            self.pooling,
-            h,
-            &batch.mask,
-            batch.batch,
-            batch.seq,
-            d,
-            &mut self.pooled,
-        );
+        pool_forward(self.pooling, h, &batch.mask, batch.batch, batch.seq, d, &mut self.pooled);
         self.logits.resize(batch.batch * self.classes, 0.0);
-        self.head
-            .forward(&self.pooled, batch.batch, &mut self.logits);
+        self.head.forward(&self.pooled, batch.batch, &mut self.logits);
         self.batch = batch.clone();
         Ok(&self.logits)
     }
@@ -88,13 +77,7 @@ impl Classifier {
         let b = self.batch.batch;
         self.probs.resize(b * self.classes, 0.0);
         self.dlogits.resize(b * self.classes, 0.0);
-        let loss = softmax_cross_entropy(
-            &self.logits,
-            labels,
-            self.classes,
-            &mut self.probs,
-            &mut self.dlogits,
-        );
+        let loss = softmax_cross_entropy(&self.logits, labels, self.classes, &mut self.probs, &mut self.dlogits);
         self.backward_from_logits_grad(None)?;
         Ok(loss)
     }
@@ -108,23 +91,9 @@ impl Classifier {
             self.dlogits.extend_from_slice(g);
         }
         self.dpooled.resize(b * d, 0.0);
-        self.head.backward(
-            &self.pooled,
-            &self.dlogits,
-            b,
-            Some(&mut self.dpooled),
-            false,
-        );
+        self.head.backward(&self.pooled, &self.dlogits, b, Some(&mut self.dpooled), false);
         self.dhidden.resize(self.batch.rows() * d, 0.0);
-        pool_backward(
-            self.pooling,
-            &self.dpooled,
-            &self.batch.mask,
-            b,
-            self.batch.seq,
-            d,
-            &mut self.dhidden,
-        );
+        pool_backward(self.pooling, &self.dpooled, &self.batch.mask, b, self.batch.seq, d, &mut self.dhidden);
         self.bert.backward(&self.dhidden)
     }
 

@@ -3,5 +3,6 @@
 pub mod bert;
 pub mod classifier;
 pub mod config;
+pub mod hf;
 pub mod tokenize;
 pub mod weights;

@@ -7,9 +7,7 @@
 use super::bert::Batch;
 use anyhow::{anyhow, bail, Result};
 use std::path::Path;
-use tokenizers::{
-    EncodeInput, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
-};
+use tokenizers::{EncodeInput, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 /// A tokenizer loaded from `tokenizer.json`.
 pub struct TextEncoder {
@@ -23,13 +21,9 @@ impl TextEncoder {
     pub fn load(dir: &Path, max_len: usize, pad_id: u32) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            bail!(
-                "{}: missing (loracomp needs the fast tokenizer file)",
-                path.display()
-            );
+            bail!("{}: missing (loracomp needs the fast tokenizer file)", path.display());
         }
-        let mut tok = Tokenizer::from_file(&path)
-            .map_err(|e| anyhow!("{}: invalid tokenizer: {e}", path.display()))?;
+        let mut tok = Tokenizer::from_file(&path).map_err(|e| anyhow!("{}: invalid tokenizer: {e}", path.display()))?;
         tok.with_padding(None);
         tok.with_truncation(Some(TruncationParams {
             max_length: max_len,
@@ -38,11 +32,7 @@ impl TextEncoder {
             direction: TruncationDirection::Right,
         }))
         .map_err(|e| anyhow!("{}: cannot set truncation: {e}", path.display()))?;
-        Ok(TextEncoder {
-            tok,
-            max_len,
-            pad_id,
-        })
+        Ok(TextEncoder { tok, max_len, pad_id })
     }
 
     /// Token ids and token-type ids of one text (or text pair).
@@ -51,10 +41,7 @@ impl TextEncoder {
             Some(p) => (text, p).into(),
             None => text.into(),
         };
-        let enc = self
-            .tok
-            .encode(input, true)
-            .map_err(|e| anyhow!("tokenizer failed on {text:?}: {e}"))?;
+        let enc = self.tok.encode(input, true).map_err(|e| anyhow!("tokenizer failed on {text:?}: {e}"))?;
         Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec()))
     }
 
@@ -68,19 +55,12 @@ impl TextEncoder {
 pub fn pad_batch(seqs: &[(Vec<u32>, Vec<u32>)], pad_id: u32) -> Batch {
     let seq = seqs.iter().map(|s| s.0.len()).max().unwrap_or(0).max(1);
     let batch = seqs.len();
-    let mut b = Batch {
-        batch,
-        seq,
-        ids: vec![pad_id; batch * seq],
-        types: vec![0; batch * seq],
-        mask: vec![0.0; batch * seq],
-    };
+    let mut b =
+        Batch { batch, seq, ids: vec![pad_id; batch * seq], types: vec![0; batch * seq], mask: vec![0.0; batch * seq] };
     for (i, (ids, types)) in seqs.iter().enumerate() {
         b.ids[i * seq..i * seq + ids.len()].copy_from_slice(ids);
         b.types[i * seq..i * seq + types.len()].copy_from_slice(types);
-        b.mask[i * seq..i * seq + ids.len()]
-            .iter_mut()
-            .for_each(|m| *m = 1.0);
+        b.mask[i * seq..i * seq + ids.len()].iter_mut().for_each(|m| *m = 1.0);
     }
     b
 }

@@ -9,31 +9,24 @@ use std::path::{Path, PathBuf};
 pub struct TensorFile {
     pub path: PathBuf,
     pub tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    /// Tensors that cannot be used as weights (integer buffers such as `position_ids`), with the reason.
+    /// They are an error only when a caller asks for them.
+    pub unusable: BTreeMap<String, String>,
 }
 
 /// Decode little-endian bytes of `dtype` into f32.
 pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         _ => return None,
     })
 }
 
 impl TensorFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let bytes =
-            std::fs::read(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+        let bytes = std::fs::read(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
         Self::from_bytes(path, &bytes)
     }
 
@@ -41,46 +34,33 @@ impl TensorFile {
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| anyhow!("{}: not a valid safetensors file: {e:?}", path.display()))?;
         let mut tensors = BTreeMap::new();
+        let mut unusable = BTreeMap::new();
         for (name, view) in st.tensors() {
-            let data = to_f32(view.dtype(), view.data()).ok_or_else(|| {
-                anyhow!(
-                    "{}: tensor '{name}' has dtype {:?}; supported: F32, F16, BF16",
-                    path.display(),
-                    view.dtype()
-                )
-            })?;
+            let Some(data) = to_f32(view.dtype(), view.data()) else {
+                unusable.insert(name, format!("has dtype {:?}; supported: F32, F16, BF16", view.dtype()));
+                continue;
+            };
             let shape = view.shape().to_vec();
             if shape.iter().product::<usize>() != data.len() {
-                bail!(
-                    "{}: tensor '{name}' data does not match its shape {shape:?}",
-                    path.display()
-                );
+                bail!("{}: tensor '{name}' data does not match its shape {shape:?}", path.display());
             }
             if data.iter().any(|v| !v.is_finite()) {
-                bail!(
-                    "{}: tensor '{name}' holds NaN or Inf values",
-                    path.display()
-                );
+                bail!("{}: tensor '{name}' holds NaN or Inf values", path.display());
             }
             tensors.insert(name, (shape, data));
         }
-        Ok(TensorFile {
-            path: path.to_path_buf(),
-            tensors,
-        })
+        Ok(TensorFile { path: path.to_path_buf(), tensors, unusable })
     }
 
     /// Take tensor `key`, checking its shape. `what` explains the expectation in the error.
     pub fn take(&mut self, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let (s, d) = self
-            .tensors
-            .remove(key)
-            .ok_or_else(|| anyhow!("{}: missing tensor '{key}'", self.path.display()))?;
+        if let Some(why) = self.unusable.get(key) {
+            bail!("{}: tensor '{key}' {why}", self.path.display());
+        }
+        let (s, d) =
+            self.tensors.remove(key).ok_or_else(|| anyhow!("{}: missing tensor '{key}'", self.path.display()))?;
         if s != shape {
-            bail!(
-                "{}: tensor '{key}' has shape {s:?}, expected {shape:?}",
-                self.path.display()
-            );
+            bail!("{}: tensor '{key}' has shape {s:?}, expected {shape:?}", self.path.display());
         }
         Ok(d)
     }
@@ -98,25 +78,13 @@ pub fn write_safetensors(
 ) -> Result<()> {
     let bufs: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
-        .map(|(k, (s, d))| {
-            (
-                k.clone(),
-                s.clone(),
-                d.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            )
-        })
+        .map(|(k, (s, d))| (k.clone(), s.clone(), d.iter().flat_map(|v| v.to_le_bytes()).collect()))
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = bufs
         .iter()
-        .map(|(k, s, b)| {
-            Ok((
-                k.clone(),
-                safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)?,
-            ))
-        })
+        .map(|(k, s, b)| Ok((k.clone(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)?)))
         .collect::<std::result::Result<_, safetensors::SafeTensorError>>()
         .map_err(|e| anyhow!("{}: cannot build tensors: {e:?}", path.display()))?;
-    let bytes = safetensors::serialize(views, &metadata)
-        .map_err(|e| anyhow!("{}: {e:?}", path.display()))?;
+    let bytes = safetensors::serialize(views, &metadata).map_err(|e| anyhow!("{}: {e:?}", path.display()))?;
     crate::util::write_atomic(path, &bytes)
 }

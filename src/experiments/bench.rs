@@ -1,0 +1,188 @@
+//! `loracomp bench`: fixed workloads timed after warm-up, reported as median ms per step.
+//!
+//! Workloads use randomly initialised encoders of the real shapes (no download needed):
+//! `minilm` = all-MiniLM-L6-v2's shape (6 layers, d 384, 12 heads, MLP 1536) and `ref4` = a 4-layer encoder
+//! with 6 heads. Every step is batch 16 × 64 tokens, mean pooling, a 10-class head, cross-entropy and AdamW.
+
+use crate::engine::kernels::Pooling;
+use crate::engine::param::{AdamW, Param};
+use crate::lora::bank::{Composition, FreshLora, LoraModule};
+use crate::methods::step::train_step;
+use crate::models::bert::{Batch, Bert};
+use crate::models::classifier::Classifier;
+use crate::models::config::BertConfig;
+use anyhow::{bail, Result};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::time::Instant;
+
+/// One benchmark result line (the same fields as `bench/torch_ref.py` prints).
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    pub workload: String,
+    pub mode: String,
+    pub n_adapters: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub threads: usize,
+    pub dtype: String,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub peak_rss_mb: f64,
+}
+
+/// Benchmark settings.
+#[derive(Clone, Debug)]
+pub struct BenchOpts {
+    pub workloads: Vec<String>,
+    pub modes: Vec<String>,
+    pub n_adapters: Vec<usize>,
+    pub warmup: usize,
+    pub iters: usize,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+pub fn workload_config(name: &str) -> Result<BertConfig> {
+    let (layers, heads) = match name {
+        "minilm" => (6, 12),
+        "ref4" => (4, 6),
+        "tiny" => (2, 4),
+        other => bail!("unknown workload '{other}' (minilm, ref4, tiny)"),
+    };
+    let d = if name == "tiny" { 64 } else { 384 };
+    Ok(BertConfig {
+        vocab_size: 30522,
+        hidden_size: d,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        intermediate_size: 4 * d,
+        hidden_act: "gelu".into(),
+        layer_norm_eps: 1e-12,
+        max_position_embeddings: 512,
+        type_vocab_size: 2,
+        pad_token_id: 0,
+        model_type: Some("bert".into()),
+        position_embedding_type: None,
+    })
+}
+
+fn random_bank(rng: &mut impl Rng, n: usize, r: usize, din: usize, dout: usize) -> Vec<LoraModule> {
+    (0..n)
+        .map(|_| LoraModule {
+            a: (0..r * din).map(|_| rng.gen_range(-0.05f32..0.05)).collect(),
+            b: (0..dout * r).map(|_| rng.gen_range(-0.05f32..0.05)).collect(),
+            r,
+            scale: 2.0,
+        })
+        .collect()
+}
+
+/// Set up `mode` on a classifier over a random encoder of `workload`'s shape.
+pub fn setup(workload: &str, mode: &str, n: usize, seed: u64) -> Result<Classifier> {
+    let cfg = workload_config(workload)?;
+    let bert = Bert::random(cfg, seed)?;
+    let mut m = Classifier::new(bert, Pooling::Mean, 10, seed);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    match mode {
+        "forward" => {}
+        "full" => m.bert.set_all_trainable(true),
+        "lora" | "uniform" | "learned" => {
+            for layer in &mut m.bert.layers {
+                for lin in [&mut layer.query, &mut layer.value] {
+                    let (din, dout) = (lin.din, lin.dout);
+                    match mode {
+                        "lora" => {
+                            let mut a =
+                                Param::new(vec![8, din], (0..8 * din).map(|_| rng.gen_range(-0.05f32..0.05)).collect());
+                            let mut b = Param::zeros(vec![dout, 8]);
+                            a.set_trainable(true);
+                            b.set_trainable(true);
+                            lin.fresh = Some(FreshLora { a, b, r: 8, scale: 2.0 });
+                        }
+                        "uniform" => {
+                            lin.set_bank(random_bank(&mut rng, n, 8, din, dout));
+                            lin.comp = Composition::Fixed(vec![1.0 / n as f32; n]);
+                        }
+                        _ => {
+                            lin.set_bank(random_bank(&mut rng, n, 8, din, dout));
+                            let mut v = Param::zeros(vec![n]);
+                            v.set_trainable(true);
+                            lin.comp = Composition::Learned(v);
+                        }
+                    }
+                }
+            }
+        }
+        other => bail!("unknown bench mode '{other}' (forward, lora, uniform, learned, full)"),
+    }
+    Ok(m)
+}
+
+fn random_batch(rng: &mut impl Rng, batch: usize, seq: usize) -> (Batch, Vec<usize>) {
+    let b = Batch {
+        batch,
+        seq,
+        ids: (0..batch * seq).map(|_| rng.gen_range(1..30522u32)).collect(),
+        types: vec![0; batch * seq],
+        mask: vec![1.0; batch * seq],
+    };
+    (b, (0..batch).map(|_| rng.gen_range(0..10)).collect())
+}
+
+/// Peak resident set size of this process in MiB (Linux `VmHWM`), 0 where unavailable.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Run every (workload, mode, N) combination.
+pub fn run(opts: &BenchOpts, mut report: impl FnMut(&BenchResult)) -> Result<Vec<BenchResult>> {
+    let mut out = Vec::new();
+    for w in &opts.workloads {
+        for mode in &opts.modes {
+            let ns: Vec<usize> = if mode == "uniform" || mode == "learned" { opts.n_adapters.clone() } else { vec![0] };
+            for &n in &ns {
+                let mut m = setup(w, mode, n, 0)?;
+                let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+                let (batch, labels) = random_batch(&mut rng, opts.batch, opts.seq);
+                let opt = AdamW { lr: 1e-4, ..Default::default() };
+                let mut times = Vec::new();
+                for it in 0..opts.warmup + opts.iters {
+                    let t0 = Instant::now();
+                    if mode == "forward" {
+                        m.forward(&batch)?;
+                    } else {
+                        train_step(&mut m, &batch, &labels, &opt, it as u64 + 1, opt.lr)?;
+                    }
+                    if it >= opts.warmup {
+                        times.push(t0.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+                times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                let r = BenchResult {
+                    implementation: "loracomp".into(),
+                    workload: w.clone(),
+                    mode: mode.clone(),
+                    n_adapters: n,
+                    batch: opts.batch,
+                    seq: opts.seq,
+                    threads: rayon::current_num_threads(),
+                    dtype: "f32".into(),
+                    median_ms: times[times.len() / 2],
+                    min_ms: times[0],
+                    peak_rss_mb: peak_rss_mb(),
+                };
+                report(&r);
+                out.push(r);
+            }
+        }
+    }
+    Ok(out)
+}

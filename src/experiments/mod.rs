@@ -1,0 +1,3 @@
+//! Experiments: benchmark, protocol, reports and plots.
+
+pub mod bench;

@@ -1,0 +1,3 @@
+//! Adaptation methods, one file each, on the shared training step.
+
+pub mod step;
