@@ -70,11 +70,8 @@ fn check_all(m: &mut Classifier, eps: f32, tol: f64) -> usize {
     m.zero_grad();
     m.forward(&batch()).unwrap();
     m.backward(&LABELS).unwrap();
-    let grads: Vec<(String, Vec<f32>)> = m
-        .trainable_params_mut()
-        .into_iter()
-        .map(|(n, p)| (n, p.grad.clone()))
-        .collect();
+    let grads: Vec<(String, Vec<f32>)> =
+        m.trainable_params_mut().into_iter().map(|(n, p)| (n, p.grad.clone())).collect();
     let mut checked = 0;
     for (name, g) in grads {
         let n = g.len();
@@ -95,11 +92,7 @@ fn check_all(m: &mut Classifier, eps: f32, tol: f64) -> usize {
             set(m, eps);
             let num = (lp - lm) / (2.0 * eps as f64);
             let err = (num - g[i] as f64).abs() / (1e-2 + num.abs().max(g[i].abs() as f64));
-            assert!(
-                err < tol,
-                "{name}[{i}]: analytic {} vs numeric {num} (rel err {err:.3e})",
-                g[i]
-            );
+            assert!(err < tol, "{name}[{i}]: analytic {} vs numeric {num} (rel err {err:.3e})", g[i]);
             checked += 1;
         }
     }
@@ -168,11 +161,7 @@ fn merged_and_factored_paths_give_the_same_logits_and_gradients() {
         m.zero_grad();
         let logits = m.forward(&batch()).unwrap().to_vec();
         m.backward(&LABELS).unwrap();
-        let grads: Vec<f32> = m
-            .trainable_params_mut()
-            .into_iter()
-            .flat_map(|(_, p)| p.grad.clone())
-            .collect();
+        let grads: Vec<f32> = m.trainable_params_mut().into_iter().flat_map(|(_, p)| p.grad.clone()).collect();
         out.push((logits, grads));
     }
     for (a, b) in out[0].0.iter().zip(&out[1].0) {
@@ -195,12 +184,7 @@ fn fresh_lora_gradients_match_fd() {
             let mut b = Param::new(vec![dout, r], rand_vec(&mut rng, dout * r, 0.5));
             a.set_trainable(true);
             b.set_trainable(true);
-            lin.fresh = Some(FreshLora {
-                a,
-                b,
-                r,
-                scale: 1.5,
-            });
+            lin.fresh = Some(FreshLora { a, b, r, scale: 1.5 });
         }
     }
     assert_eq!(d, 12);
