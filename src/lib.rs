@@ -5,6 +5,7 @@
 //! PEFT I/O) → methods → data → experiments → cli.
 
 pub mod cli;
+pub mod data;
 pub mod engine;
 pub mod experiments;
 pub mod lora;

@@ -1,5 +1,7 @@
 //! The `loracomp` command line.
 
+pub mod commands;
+
 use crate::engine::kernels::Pooling;
 use crate::experiments::bench;
 use crate::models::hf::{HfEncoder, DEFAULT_MAX_LEN};
@@ -18,8 +20,132 @@ pub struct Cli {
     pub cmd: Cmd,
 }
 
+/// Few-shot size: a number of examples per class, or `full`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shots(pub Option<usize>);
+
+impl std::str::FromStr for Shots {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "full" || s == "all" {
+            return Ok(Shots(None));
+        }
+        match s.parse::<usize>() {
+            Ok(0) | Err(_) => Err(format!("'{s}' is not a positive number of shots or 'full'")),
+            Ok(k) => Ok(Shots(Some(k))),
+        }
+    }
+}
+
+impl std::fmt::Display for Shots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(k) => write!(f, "{k}"),
+            None => write!(f, "full"),
+        }
+    }
+}
+
+/// Options shared by `train` and `adapt`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Task directory (labels.txt, train/valid/test.jsonl).
+    #[arg(long)]
+    pub task: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Optimisation steps (default: 200 for adapt; for train, from --epochs).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Learning rate of the method's parameters (LoRA factors, composition logits, encoder weights).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Learning rate of the classifier head.
+    #[arg(long)]
+    pub lr_head: Option<f32>,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f32,
+    #[arg(long, default_value = "mean")]
+    pub pooling: Pooling,
+    #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
+    pub max_len: usize,
+    /// Replace existing results in the output directory.
+    #[arg(long)]
+    pub force: bool,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
+    /// Train one upstream LoRA + head on a task (bank building); writes a PEFT adapter and metrics.json.
+    Train {
+        #[command(flatten)]
+        args: TrainArgs,
+        /// Output adapter directory.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        #[arg(long, default_value_t = 32.0)]
+        alpha: f32,
+        #[arg(long, value_delimiter = ',', default_value = "query,value")]
+        targets: Vec<String>,
+        /// Epochs over the training examples (ignored when --steps is given).
+        #[arg(long, default_value_t = 3)]
+        epochs: usize,
+        /// Train on K examples per class instead of the whole split.
+        #[arg(long)]
+        shots: Option<Shots>,
+    },
+    /// Adapt to a task from K examples per class with one method; evaluate on test; export the adapter.
+    Adapt {
+        #[command(flatten)]
+        args: TrainArgs,
+        #[arg(long)]
+        shots: Shots,
+        /// linear-probe | full | lora | uniform | learned
+        #[arg(long)]
+        method: crate::methods::Method,
+        /// Bank adapter directories (PEFT LoRA).
+        #[arg(long, num_args = 1..)]
+        bank: Vec<PathBuf>,
+        /// Output directory (metrics.json, adapter/).
+        #[arg(long)]
+        out: PathBuf,
+        /// LoRA rank for --method lora.
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        #[arg(long, default_value_t = 16.0)]
+        alpha: f32,
+        #[arg(long, value_delimiter = ',', default_value = "query,value")]
+        targets: Vec<String>,
+        /// Learned composition: one weight vector shared by all layers.
+        #[arg(long)]
+        global_weights: bool,
+        /// Learned composition: entropy penalty on the module weights.
+        #[arg(long, default_value_t = 0.0)]
+        entropy_penalty: f32,
+        /// Compress the exported LoRA to this rank by truncated SVD (default: exact concatenation).
+        #[arg(long)]
+        export_rank: Option<usize>,
+    },
+    /// Evaluate an adapter (as written by train or adapt) on a task split; prints metrics JSON.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        task: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
+        max_len: usize,
+    },
     /// Sentence embeddings from a Hugging Face encoder, one JSON object a line.
     Embed {
         /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
@@ -103,6 +229,44 @@ pub fn run(cli: Cli) -> Result<()> {
                 out.write_all(b"\n")?;
             }
             out.flush()?;
+        }
+        Cmd::Train { args, out, rank, alpha, targets, epochs, shots } => {
+            let m = commands::train(&args, &out, rank, alpha, &targets, epochs, shots.and_then(|s| s.0))?;
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        }
+        Cmd::Adapt {
+            args,
+            shots,
+            method,
+            bank,
+            out,
+            rank,
+            alpha,
+            targets,
+            global_weights,
+            entropy_penalty,
+            export_rank,
+        } => {
+            let m = commands::adapt(
+                &args,
+                commands::AdaptCli {
+                    shots,
+                    method,
+                    bank,
+                    out,
+                    rank,
+                    alpha,
+                    targets,
+                    global_weights,
+                    entropy_penalty,
+                    export_rank,
+                },
+            )?;
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        }
+        Cmd::Eval { model, task, adapter, split, max_len } => {
+            let m = commands::eval(&model, &task, &adapter, &split, max_len)?;
+            println!("{}", serde_json::to_string_pretty(&m)?);
         }
         Cmd::Bench { workloads, modes, n, warmup, iters, smoke, json } => {
             let opts = if smoke {

@@ -159,7 +159,7 @@ pub fn run(opts: &BenchOpts, mut report: impl FnMut(&BenchResult)) -> Result<Vec
                     if mode == "forward" {
                         m.forward(&batch)?;
                     } else {
-                        train_step(&mut m, &batch, &labels, &opt, it as u64 + 1, opt.lr)?;
+                        train_step(&mut m, &batch, &labels, &opt, it as u64 + 1, &|_| opt.lr, None)?;
                     }
                     if it >= opts.warmup {
                         times.push(t0.elapsed().as_secs_f64() * 1e3);

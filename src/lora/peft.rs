@@ -222,7 +222,8 @@ impl Adapter {
                     );
                 }
                 let module = module_of(path).to_string();
-                let (r_cfg, scale) = config.rank_and_scale(&module)?;
+                let full = path.strip_prefix("base_model.model.").unwrap_or(path);
+                let (r_cfg, scale) = config.rank_and_scale(full)?;
                 if r_cfg != shape[0] {
                     bail!(
                         "{}: '{key}' has rank {} but {} gives this module rank {r_cfg} (r / rank_pattern)",

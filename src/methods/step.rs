@@ -1,10 +1,13 @@
 //! One optimisation step shared by every gradient-based method: forward, backward, AdamW on the trainable
-//! parameters, then the bank layers' cached merges are invalidated.
+//! parameters (each with its own learning rate), then the bank layers' cached merges are invalidated.
 
 use crate::engine::param::AdamW;
 use crate::models::bert::Batch;
 use crate::models::classifier::Classifier;
 use anyhow::{bail, Result};
+
+/// Hook run between backward and the update (penalties, tied parameters).
+pub type GradHook<'a> = &'a mut dyn FnMut(&mut Classifier);
 
 /// Run one step; returns the loss. Fails (naming the step) if the loss or any gradient is NaN or infinite.
 pub fn train_step(
@@ -13,7 +16,8 @@ pub fn train_step(
     labels: &[usize],
     opt: &AdamW,
     t: u64,
-    lr: f32,
+    lr_for: &dyn Fn(&str) -> f32,
+    hook: Option<GradHook>,
 ) -> Result<f32> {
     model.zero_grad();
     model.forward(batch)?;
@@ -21,17 +25,28 @@ pub fn train_step(
     if !loss.is_finite() {
         bail!("training diverged at step {t}: loss is {loss}");
     }
+    if let Some(h) = hook {
+        h(model);
+    }
     for (name, p) in model.trainable_params_mut() {
         if p.grad.iter().any(|g| !g.is_finite()) {
             bail!("training diverged at step {t}: gradient of {name} holds NaN or Inf");
         }
-        opt.step(p, t, lr);
+        opt.step(p, t, lr_for(&name));
+        if p.data.iter().any(|v| !v.is_finite()) {
+            bail!("training diverged at step {t}: {name} holds NaN or Inf after the update");
+        }
     }
+    invalidate(model);
+    Ok(loss)
+}
+
+/// Drop every cached merge (after any weight or composition change).
+pub fn invalidate(model: &mut Classifier) {
     for layer in &mut model.bert.layers {
         for l in layer.linears_mut() {
             l.invalidate();
         }
     }
     model.head.invalidate();
-    Ok(loss)
 }

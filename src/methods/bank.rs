@@ -1,0 +1,126 @@
+//! Attaching a bank of PEFT adapters to a model's linear layers.
+
+use crate::engine::param::Param;
+use crate::lora::bank::{Composition, FreshLora, LoraModule};
+use crate::lora::peft::Adapter;
+use crate::models::classifier::Classifier;
+use anyhow::{bail, Result};
+use rand::{Rng, SeedableRng};
+
+/// Put the bank's modules on every linear layer some adapter targets, in bank order (an adapter that does not
+/// target a layer takes part there with rank 0, so module `n` means adapter `n` in every layer), with the
+/// composition `comp(layer_path, N)`. Returns the adapted layer paths.
+pub fn attach_bank(
+    model: &mut Classifier,
+    bank: &[Adapter],
+    mut comp: impl FnMut(&str, usize) -> Composition,
+) -> Result<Vec<String>> {
+    let paths = model.bert.linear_paths();
+    for a in bank {
+        for m in a.modules.keys() {
+            if !paths.contains(m) {
+                bail!(
+                    "{}: adapter targets module '{m}', which this model does not have (it has {} layers)",
+                    a.dir.display(),
+                    model.bert.layers.len()
+                );
+            }
+        }
+    }
+    let mut used = Vec::new();
+    for path in paths {
+        if !bank.iter().any(|a| a.modules.contains_key(&path)) {
+            continue;
+        }
+        let lin = model.bert.linear_mut(&path).unwrap();
+        let mut mods = Vec::new();
+        for a in bank {
+            match a.modules.get(&path) {
+                Some(m) => {
+                    if m.din != lin.din || m.dout != lin.dout {
+                        bail!(
+                            "{}: module '{path}' is [{} → {}] but the model's layer is [{} → {}]; the adapter was made for another base model",
+                            a.dir.display(),
+                            m.din,
+                            m.dout,
+                            lin.din,
+                            lin.dout
+                        );
+                    }
+                    mods.push(LoraModule { a: m.a.clone(), b: m.b.clone(), r: m.r, scale: m.scale });
+                }
+                None => mods.push(LoraModule { a: Vec::new(), b: Vec::new(), r: 0, scale: 0.0 }),
+            }
+        }
+        let n = mods.len();
+        lin.set_bank(mods);
+        lin.comp = comp(&path, n);
+        used.push(path);
+    }
+    Ok(used)
+}
+
+/// Uniform weights 1/N.
+pub fn uniform(n: usize) -> Composition {
+    Composition::Fixed(vec![1.0 / n as f32; n])
+}
+
+/// Trainable logits initialised to zero (= uniform).
+pub fn learned(n: usize) -> Composition {
+    let mut p = Param::zeros(vec![n]);
+    p.set_trainable(true);
+    Composition::Learned(p)
+}
+
+/// A fresh trainable LoRA on every linear layer whose name ends with one of `targets`, initialised as PEFT
+/// does (A Kaiming-uniform with a = √5, i.e. U(±1/√in); B zero). Returns the adapted paths.
+pub fn attach_fresh_lora(
+    model: &mut Classifier,
+    targets: &[String],
+    r: usize,
+    alpha: f32,
+    seed: u64,
+) -> Result<Vec<String>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x4C6F_5241);
+    let mut used = Vec::new();
+    for path in model.bert.linear_paths() {
+        if !targets.iter().any(|t| path == *t || path.ends_with(&format!(".{t}"))) {
+            continue;
+        }
+        let lin = model.bert.linear_mut(&path).unwrap();
+        let bound = 1.0 / (lin.din as f32).sqrt();
+        let mut a = Param::new(vec![r, lin.din], (0..r * lin.din).map(|_| rng.gen_range(-bound..bound)).collect());
+        let mut b = Param::zeros(vec![lin.dout, r]);
+        a.set_trainable(true);
+        b.set_trainable(true);
+        lin.fresh = Some(FreshLora { a, b, r, scale: alpha / r as f32 });
+        used.push(path);
+    }
+    if used.is_empty() {
+        bail!("--targets {targets:?} matches no linear module (names end with query, key, value, attention.output.dense, intermediate.dense, output.dense)");
+    }
+    Ok(used)
+}
+
+/// Load a single adapter (as `train` or `adapt` wrote it) onto `model` exactly: its LoRA terms with weight 1
+/// and its head. Fails if the head's class count differs from `classes`.
+pub fn apply_adapter(model: &mut Classifier, adapter: &Adapter, classes: usize) -> Result<()> {
+    attach_bank(model, std::slice::from_ref(adapter), |_, n| Composition::Fixed(vec![1.0; n]))?;
+    let Some((shape, w, b)) = &adapter.head else {
+        bail!("{}: the adapter has no classifier head (modules_to_save 'classifier')", adapter.dir.display());
+    };
+    if shape[0] != classes || shape[1] != model.bert.hidden() {
+        bail!(
+            "{}: classifier head is {:?} but the task has {classes} labels and the model {} features",
+            adapter.dir.display(),
+            shape,
+            model.bert.hidden()
+        );
+    }
+    model.head.w.data.copy_from_slice(w);
+    if let Some(bias) = model.head.bias.as_mut() {
+        bias.data.copy_from_slice(b);
+    }
+    model.head.invalidate();
+    Ok(())
+}

@@ -1,0 +1,256 @@
+//! Pieces every method shares: tokenised examples, mini-batches, evaluation, training loops.
+
+use super::step::{invalidate, train_step, GradHook};
+use crate::data::Example;
+use crate::engine::kernels::{pool_forward, softmax_cross_entropy};
+use crate::engine::param::AdamW;
+use crate::models::bert::Batch;
+use crate::models::classifier::Classifier;
+use crate::models::tokenize::{pad_batch, TextEncoder};
+use anyhow::Result;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+
+/// An example ready for the model.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub types: Vec<u32>,
+    pub label: usize,
+}
+
+pub fn encode_all(tok: &TextEncoder, ex: &[Example]) -> Result<Vec<Encoded>> {
+    ex.iter()
+        .map(|e| {
+            let (ids, types) = tok.encode(&e.text, e.pair.as_deref())?;
+            Ok(Encoded { ids, types, label: e.label })
+        })
+        .collect()
+}
+
+pub fn batch_of(items: &[&Encoded], pad_id: u32) -> (Batch, Vec<usize>) {
+    let seqs: Vec<(Vec<u32>, Vec<u32>)> = items.iter().map(|e| (e.ids.clone(), e.types.clone())).collect();
+    (pad_batch(&seqs, pad_id), items.iter().map(|e| e.label).collect())
+}
+
+/// Training-loop settings.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoopOpts {
+    pub steps: usize,
+    pub batch: usize,
+    pub seed: u64,
+    pub weight_decay: f32,
+    /// Linear warm-up over this fraction of the steps, then linear decay to zero.
+    pub warmup_frac: f32,
+}
+
+impl LoopOpts {
+    pub fn lr_factor(&self, t: usize) -> f32 {
+        let warm = ((self.steps as f32) * self.warmup_frac).max(1.0);
+        let t = t as f32;
+        if t < warm {
+            (t + 1.0) / warm
+        } else {
+            ((self.steps as f32 - t) / (self.steps as f32 - warm).max(1.0)).clamp(0.0, 1.0)
+        }
+    }
+}
+
+/// Seeded mini-batch order over `n` items: shuffled epochs, `batch` items a step.
+pub struct Sampler {
+    order: Vec<usize>,
+    pos: usize,
+    batch: usize,
+    rng: rand::rngs::StdRng,
+}
+
+impl Sampler {
+    pub fn new(n: usize, batch: usize, seed: u64) -> Self {
+        let mut s = Sampler {
+            order: (0..n).collect(),
+            pos: n,
+            batch: batch.min(n).max(1),
+            rng: rand::rngs::StdRng::seed_from_u64(seed ^ 0x5A3D_17E1),
+        };
+        s.order.shuffle(&mut s.rng);
+        s.pos = 0;
+        s
+    }
+    pub fn next(&mut self) -> Vec<usize> {
+        let mut out = Vec::with_capacity(self.batch);
+        while out.len() < self.batch {
+            if self.pos == self.order.len() {
+                self.order.shuffle(&mut self.rng);
+                self.pos = 0;
+            }
+            out.push(self.order[self.pos]);
+            self.pos += 1;
+        }
+        out
+    }
+}
+
+/// Train the whole model (whatever is trainable) on `data`; `lr_for(name)` gives each parameter's base rate.
+/// Returns the per-step losses.
+pub fn train_model(
+    model: &mut Classifier,
+    data: &[Encoded],
+    pad_id: u32,
+    opts: &LoopOpts,
+    lr_for: &dyn Fn(&str) -> f32,
+    mut hook: Option<&mut dyn FnMut(&mut Classifier)>,
+    mut progress: impl FnMut(usize, f32),
+) -> Result<Vec<f32>> {
+    let opt = AdamW { weight_decay: opts.weight_decay, ..Default::default() };
+    let mut sampler = Sampler::new(data.len(), opts.batch, opts.seed);
+    let mut losses = Vec::with_capacity(opts.steps);
+    for t in 0..opts.steps {
+        let idx = sampler.next();
+        let items: Vec<&Encoded> = idx.iter().map(|&i| &data[i]).collect();
+        let (batch, labels) = batch_of(&items, pad_id);
+        let f = opts.lr_factor(t);
+        let h: Option<GradHook> = hook.as_mut().map(|h| &mut **h as GradHook);
+        let loss = train_step(model, &batch, &labels, &opt, t as u64 + 1, &|n| lr_for(n) * f, h)?;
+        losses.push(loss);
+        progress(t, loss);
+    }
+    Ok(losses)
+}
+
+/// Pooled features of `data` through the (frozen) encoder, `[n, hidden]`, in input order.
+pub fn features(model: &mut Classifier, data: &[Encoded], pad_id: u32, batch: usize) -> Result<Vec<f32>> {
+    let d = model.bert.hidden();
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    order.sort_by_key(|&i| data[i].ids.len());
+    let mut out = vec![0.0f32; data.len() * d];
+    for chunk in order.chunks(batch.max(1)) {
+        let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
+        let (b, _) = batch_of(&items, pad_id);
+        let h = model.bert.forward(&b)?;
+        let mut pooled = vec![0.0; b.batch * d];
+        pool_forward(model.pooling, h, &b.mask, b.batch, b.seq, d, &mut pooled);
+        for (k, &i) in chunk.iter().enumerate() {
+            out[i * d..(i + 1) * d].copy_from_slice(&pooled[k * d..(k + 1) * d]);
+        }
+    }
+    Ok(out)
+}
+
+/// Train only the head on cached features (the encoder is frozen): same sampler, schedule and optimiser as
+/// [`train_model`], so head-only methods get the same budget.
+pub fn train_head_on_features(
+    model: &mut Classifier,
+    feats: &[f32],
+    labels: &[usize],
+    opts: &LoopOpts,
+    lr: f32,
+) -> Result<Vec<f32>> {
+    let d = model.bert.hidden();
+    let c = model.classes;
+    let opt = AdamW { weight_decay: opts.weight_decay, ..Default::default() };
+    let mut sampler = Sampler::new(labels.len(), opts.batch, opts.seed);
+    let mut losses = Vec::new();
+    for t in 0..opts.steps {
+        let idx = sampler.next();
+        let b = idx.len();
+        let x: Vec<f32> = idx.iter().flat_map(|&i| feats[i * d..(i + 1) * d].iter().copied()).collect();
+        let y: Vec<usize> = idx.iter().map(|&i| labels[i]).collect();
+        let mut logits = vec![0.0; b * c];
+        let head = &mut model.head;
+        for p in [&mut head.w].into_iter().chain(head.bias.as_mut()) {
+            p.zero_grad();
+        }
+        head.forward(&x, b, &mut logits);
+        let (mut probs, mut dl) = (vec![0.0; b * c], vec![0.0; b * c]);
+        let loss = softmax_cross_entropy(&logits, &y, c, &mut probs, &mut dl);
+        if !loss.is_finite() {
+            anyhow::bail!("training diverged at step {}: loss is {loss}", t + 1);
+        }
+        head.backward(&x, &dl, b, None, false);
+        let f = opts.lr_factor(t);
+        for (_, p) in head.trainable_params_mut() {
+            opt.step(p, t as u64 + 1, lr * f);
+        }
+        head.invalidate();
+        losses.push(loss);
+    }
+    invalidate(model);
+    Ok(losses)
+}
+
+/// Predictions on `data` (argmax of the logits), in input order.
+pub fn predict(model: &mut Classifier, data: &[Encoded], pad_id: u32, batch: usize) -> Result<Vec<usize>> {
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    order.sort_by_key(|&i| data[i].ids.len());
+    let mut out = vec![0usize; data.len()];
+    let c = model.classes;
+    for chunk in order.chunks(batch.max(1)) {
+        let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
+        let (b, _) = batch_of(&items, pad_id);
+        let logits = model.forward(&b)?;
+        for (k, &i) in chunk.iter().enumerate() {
+            let row = &logits[k * c..(k + 1) * c];
+            out[i] = (0..c).fold(0, |best, j| if row[j] > row[best] { j } else { best });
+        }
+    }
+    Ok(out)
+}
+
+/// Accuracy and macro-F1 (over the classes present in `gold` or `pred`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Scores {
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    pub n: usize,
+}
+
+pub fn score(gold: &[usize], pred: &[usize], classes: usize) -> Scores {
+    let n = gold.len();
+    let correct = gold.iter().zip(pred).filter(|(a, b)| a == b).count();
+    let mut tp = vec![0usize; classes];
+    let mut fp = vec![0usize; classes];
+    let mut fnn = vec![0usize; classes];
+    for (&g, &p) in gold.iter().zip(pred) {
+        if g == p {
+            tp[g] += 1;
+        } else {
+            fp[p] += 1;
+            fnn[g] += 1;
+        }
+    }
+    let mut f1s = Vec::new();
+    for c in 0..classes {
+        if tp[c] + fp[c] + fnn[c] == 0 {
+            continue;
+        }
+        let denom = 2 * tp[c] + fp[c] + fnn[c];
+        f1s.push(2.0 * tp[c] as f64 / denom as f64);
+    }
+    Scores {
+        accuracy: if n == 0 { 0.0 } else { correct as f64 / n as f64 },
+        macro_f1: if f1s.is_empty() { 0.0 } else { f1s.iter().sum::<f64>() / f1s.len() as f64 },
+        n,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scores_by_hand() {
+        let s = score(&[0, 0, 1, 2], &[0, 1, 1, 2], 4);
+        assert_eq!(s.accuracy, 0.75);
+        // class 0: tp1 fn1 → 2/3; class 1: tp1 fp1 → 2/3; class 2: 1
+        assert!((s.macro_f1 - (2.0 / 3.0 + 2.0 / 3.0 + 1.0) / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn schedule_warms_up_and_decays_to_zero() {
+        let o = LoopOpts { steps: 100, batch: 4, seed: 0, weight_decay: 0.0, warmup_frac: 0.1 };
+        assert!(o.lr_factor(0) < 0.2);
+        assert!((o.lr_factor(9) - 1.0).abs() < 1e-6);
+        assert!(o.lr_factor(99) < 0.02);
+    }
+}

@@ -1,0 +1,129 @@
+//! Export of an adapted model as a PEFT LoRA adapter.
+//!
+//! Exact export: per layer, the bank term `Σ_n c_n·B_n·A_n` and a fresh LoRA `s·B_f·A_f` are written as one
+//! LoRA of rank `R = Σ r_n (+ r_f)` with `A = [A_1; …; A_N; A_f]`, `B = [c_1·B_1, …, c_N·B_N, s·B_f]` and
+//! `lora_alpha = R` (scale 1). With an export rank `k`, `ΔW` is compressed by truncated SVD (`B = U_k·Σ_k`,
+//! `A = V_kᵀ`) and the relative Frobenius error per layer is reported.
+
+use crate::lora::bank::BankLinear;
+use crate::lora::peft::{write_adapter, AdapterConfig, ExportModule};
+use crate::models::classifier::Classifier;
+use anyhow::Result;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// `(A [R, in], B [out, R], R)` with every scale folded into B; `None` if the layer adds nothing.
+pub fn layer_factors(lin: &BankLinear) -> Option<(Vec<f32>, Vec<f32>, usize)> {
+    let weights = lin.module_weights();
+    let active = !matches!(lin.comp, crate::lora::bank::Composition::Off);
+    let mut parts: Vec<(&[f32], &[f32], usize, f32)> = Vec::new();
+    if active {
+        for (m, w) in lin.bank().iter().zip(&weights) {
+            if m.r > 0 && *w != 0.0 {
+                parts.push((&m.a, &m.b, m.r, w * m.scale));
+            }
+        }
+    }
+    if let Some(f) = &lin.fresh {
+        parts.push((&f.a.data, &f.b.data, f.r, f.scale));
+    }
+    let rt: usize = parts.iter().map(|p| p.2).sum();
+    if rt == 0 {
+        return None;
+    }
+    let mut a = Vec::with_capacity(rt * lin.din);
+    let mut b = vec![0.0f32; lin.dout * rt];
+    let mut off = 0;
+    for (pa, pb, r, c) in parts {
+        a.extend_from_slice(pa);
+        for o in 0..lin.dout {
+            for j in 0..r {
+                b[o * rt + off + j] = c * pb[o * r + j];
+            }
+        }
+        off += r;
+    }
+    Some((a, b, rt))
+}
+
+/// Truncated SVD of `B·A` to rank `k`: returns `(A_k, B_k, relative Frobenius error)`.
+pub fn compress(a: &[f32], b: &[f32], r: usize, din: usize, dout: usize, k: usize) -> (Vec<f32>, Vec<f32>, f64) {
+    let mut dw = vec![0.0f32; dout * din];
+    crate::engine::gemm::matmul(
+        dout,
+        din,
+        r,
+        1.0,
+        b,
+        crate::engine::gemm::Trans::N,
+        a,
+        crate::engine::gemm::Trans::N,
+        0.0,
+        &mut dw,
+    );
+    let m = nalgebra::DMatrix::<f64>::from_fn(dout, din, |i, j| dw[i * din + j] as f64);
+    let total = m.norm();
+    let svd = m.svd(true, true);
+    let (u, vt) = (svd.u.unwrap(), svd.v_t.unwrap());
+    let mut idx: Vec<usize> = (0..svd.singular_values.len()).collect();
+    idx.sort_by(|&x, &y| svd.singular_values[y].partial_cmp(&svd.singular_values[x]).unwrap());
+    let k = k.min(idx.len());
+    let mut ak = vec![0.0f32; k * din];
+    let mut bk = vec![0.0f32; dout * k];
+    let mut kept = 0.0f64;
+    for (j, &s) in idx.iter().take(k).enumerate() {
+        let sv = svd.singular_values[s];
+        kept += sv * sv;
+        for c in 0..din {
+            ak[j * din + c] = vt[(s, c)] as f32;
+        }
+        for o in 0..dout {
+            bk[o * k + j] = (u[(o, s)] * sv) as f32;
+        }
+    }
+    let err = if total > 0.0 { ((total * total - kept).max(0.0)).sqrt() / total } else { 0.0 };
+    (ak, bk, err)
+}
+
+/// Write `model`'s LoRA terms and head as a PEFT adapter in `dir`. Returns the per-layer relative error of
+/// the SVD compression (empty for exact export).
+pub fn export_adapter(
+    model: &Classifier,
+    dir: &Path,
+    base: Option<String>,
+    export_rank: Option<usize>,
+    meta: &Value,
+) -> Result<BTreeMap<String, f64>> {
+    let mut modules = BTreeMap::new();
+    let mut errors = BTreeMap::new();
+    for (l, layer) in model.bert.layers.iter().enumerate() {
+        for (name, lin) in crate::models::bert::LINEAR_NAMES.iter().zip(layer.linears()) {
+            let path = format!("encoder.layer.{l}.{name}");
+            let Some((a, b, r)) = layer_factors(lin) else { continue };
+            let (a, b, r) = match export_rank {
+                Some(k) if k < r => {
+                    let (ak, bk, err) = compress(&a, &b, r, lin.din, lin.dout, k);
+                    errors.insert(path.clone(), err);
+                    (ak, bk, k)
+                }
+                _ => (a, b, r),
+            };
+            modules.insert(path, ExportModule { a, b, r, din: lin.din, dout: lin.dout, alpha: r as f64 });
+        }
+    }
+    let r = most_common(modules.values().map(|m| m.r)).unwrap_or(8);
+    let cfg = AdapterConfig::new(r, r as f64, Vec::new(), base);
+    let h = &model.head;
+    let bias = h.bias.as_ref().map(|b| b.data.clone()).unwrap_or_else(|| vec![0.0; h.dout]);
+    write_adapter(dir, cfg, &modules, Some((&h.w.shape, &h.w.data, &bias)), meta)?;
+    Ok(errors)
+}
+
+fn most_common(it: impl Iterator<Item = usize>) -> Option<usize> {
+    let mut counts = BTreeMap::new();
+    for v in it {
+        *counts.entry(v).or_insert(0usize) += 1;
+    }
+    counts.into_iter().max_by_key(|&(v, c)| (c, std::cmp::Reverse(v))).map(|(v, _)| v)
+}

@@ -1,0 +1,8 @@
+//! `full`: full fine-tuning. Every encoder weight and the head are trained.
+
+use crate::models::classifier::Classifier;
+
+pub fn prepare(model: &mut Classifier) -> Vec<String> {
+    model.bert.set_all_trainable(true);
+    Vec::new()
+}

@@ -1,0 +1,48 @@
+//! `learned`: W + Σ_n softmax(v)_n·ΔW_n with one logit vector `v` per adapted layer, initialised to zero
+//! (uniform), trained with the head; all LoRA factors stay frozen. Options: one global vector shared by every
+//! layer, and an entropy penalty λ·H(softmax(v)) that pushes towards choosing few modules.
+
+use crate::lora::bank::Composition;
+use crate::lora::peft::Adapter;
+use crate::models::classifier::Classifier;
+use anyhow::Result;
+
+pub fn prepare(model: &mut Classifier, bank: &[Adapter]) -> Result<Vec<String>> {
+    super::bank::attach_bank(model, bank, |_, n| super::bank::learned(n))
+}
+
+/// Gradient hook: adds the entropy penalty's gradient and ties the logits when `global`.
+pub fn hook(global: bool, entropy: f32) -> impl FnMut(&mut Classifier) {
+    move |model: &mut Classifier| {
+        let mut logits: Vec<&mut crate::engine::param::Param> = Vec::new();
+        for layer in &mut model.bert.layers {
+            for lin in layer.linears_mut() {
+                if let Composition::Learned(p) = &mut lin.comp {
+                    logits.push(p);
+                }
+            }
+        }
+        if entropy != 0.0 {
+            for p in logits.iter_mut() {
+                let mut w = p.data.clone();
+                let n = w.len();
+                crate::engine::kernels::softmax_rows(&mut w, n);
+                let h: f32 = -w.iter().map(|&x| if x > 0.0 { x * x.ln() } else { 0.0 }).sum::<f32>();
+                for k in 0..n {
+                    let lw = if w[k] > 0.0 { w[k].ln() } else { 0.0 };
+                    p.grad[k] += entropy * (-w[k] * (lw + h));
+                }
+            }
+        }
+        if global && logits.len() > 1 {
+            let n = logits[0].grad.len();
+            let mut sum = vec![0.0f32; n];
+            for p in logits.iter() {
+                sum.iter_mut().zip(&p.grad).for_each(|(s, g)| *s += g);
+            }
+            for p in logits.iter_mut() {
+                p.grad.copy_from_slice(&sum);
+            }
+        }
+    }
+}
