@@ -194,6 +194,45 @@ def build(workload: str, attn: str, mode: str, n: int, impl: str, seed: int = 0)
 # ----------------------------------------------------------------------------------------------- timing
 
 
+def cpu_snapshot():
+    """(wall s, system-wide busy CPU s from /proc/stat, this process's CPU s)."""
+    busy = float("nan")
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal ...; idle + iowait are not busy
+        busy = (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system
+
+
+def other_load(a, b):
+    """Average number of cores busy with OTHER processes between two cpu_snapshot()s."""
+    wall = b[0] - a[0]
+    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / wall) if wall > 0 else float("nan")
+
+
+LOAD_THRESHOLD = 0.2  # cores used by other processes above which a timing counts as contaminated
+
+
+def wait_idle(max_wait_s: float, threshold: float = LOAD_THRESHOLD, say=lambda *a: None):
+    """Wait (up to max_wait_s) until other processes use < threshold cores over a 1 s window."""
+    start = time.perf_counter()
+    last_say = start
+    while True:
+        a = cpu_snapshot()
+        time.sleep(1.0)
+        load = other_load(a, cpu_snapshot())
+        now = time.perf_counter()
+        if not load >= threshold or now - start > max_wait_s:  # nan -> proceed
+            return load
+        if now - last_say >= 15:
+            last_say = now
+            say(f"# waited {now - start:.0f} s: other processes use {load:.2f} cores")
+
+
 def peak_rss_mb() -> float:
     # ru_maxrss is in KiB on Linux; process-wide high-water mark (never goes down).
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -230,11 +269,14 @@ def run_config(workload, attn, mode, n, impl, bf16, threads, warmup, iters):
 
     times = []
     for it in range(warmup + iters):
+        if it == warmup:
+            snap0 = cpu_snapshot()
         t0 = time.perf_counter()
         step()
         dt = (time.perf_counter() - t0) * 1e3
         if it >= warmup:
             times.append(dt)
+    load = other_load(snap0, cpu_snapshot())
 
     name = impl + ("-eager" if attn == "eager" else "") + ("-bf16" if bf16 else "")
     res = {
@@ -251,6 +293,8 @@ def run_config(workload, attn, mode, n, impl, bf16, threads, warmup, iters):
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "torch": torch.__version__,
         "attn": attn,
+        # cores used by other processes during the timed iterations (contention check; ~0 on a quiet box)
+        "other_load": round(load, 2),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad) if mode != "forward" else 0,
     }
     del model
@@ -290,6 +334,11 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="iters 2, warmup 1, tiny workload, learned N=2, sdpa")
     ap.add_argument("--isolate", action="store_true",
                     help="run every config in a fresh process (so peak_rss_mb is per config, not cumulative)")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECS",
+                    help="before each config wait up to SECS until other processes use < 0.2 cores")
+    ap.add_argument("--retries", type=int, default=None,
+                    help="rerun a config whose timing had other_load > 0.2 up to this many times "
+                         "(default 2 with --wait-idle, else 0)")
     ap.add_argument("--json", action="store_true", help="print JSON lines only")
     args = ap.parse_args()
 
@@ -304,6 +353,8 @@ def main():
     dflt("warmup", 3, 1)
     dflt("iters", 10, 2)
     args.n = [x for group in args.n for x in group]
+    if args.retries is None:
+        args.retries = 2 if args.wait_idle > 0 else 0
     for w in args.workloads:
         if w not in WORKLOADS:
             ap.error(f"unknown workload {w!r}")
@@ -322,23 +373,33 @@ def main():
 
     results = []
     for w, attn, mode, n, impl in configs(args):
-        if args.isolate:
-            cmd = [sys.executable, os.path.abspath(__file__), "--json", "--workloads", w, "--attn", attn,
-                   "--modes", mode, "--n", str(n if n else 1), "--impls", impl, "--threads", str(args.threads),
-                   "--warmup", str(args.warmup), "--iters", str(args.iters)] + (["--bf16"] if args.bf16 else [])
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            res = json.loads(out.strip().splitlines()[-1])
-        else:
-            res = run_config(w, attn, mode, n, impl, args.bf16, args.threads, args.warmup, args.iters)
+        for attempt in range(args.retries + 1):
+            if args.wait_idle > 0:
+                wait_idle(args.wait_idle, say=say)
+            if args.isolate:
+                cmd = [sys.executable, os.path.abspath(__file__), "--json", "--workloads", w, "--attn", attn,
+                       "--modes", mode, "--n", str(n if n else 1), "--impls", impl, "--threads", str(args.threads),
+                       "--warmup", str(args.warmup), "--iters", str(args.iters)] + (["--bf16"] if args.bf16 else [])
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                res = json.loads(out.strip().splitlines()[-1])
+            else:
+                res = run_config(w, attn, mode, n, impl, args.bf16, args.threads, args.warmup, args.iters)
+            if not res["other_load"] > LOAD_THRESHOLD:
+                break
+            say(f"# {res['impl']} {w} {mode} N={n}: other_load {res['other_load']:.2f} during timing"
+                + (", retrying" if attempt < args.retries else ", giving up (result kept)"))
         results.append(res)
         print(json.dumps(res), flush=True)
 
     if not args.json and results:
-        say("\n| impl | workload | mode | N | dtype | median ms | min ms | peak RSS MB |")
-        say("|---|---|---|---:|---|---:|---:|---:|")
+        say("\n| impl | workload | mode | N | dtype | median ms | min ms | peak RSS MB | other load |")
+        say("|---|---|---|---:|---|---:|---:|---:|---:|")
         for r in results:
             say(f"| {r['impl']} | {r['workload']} | {r['mode']} | {r['n_adapters']} | {r['dtype']} | "
-                f"{r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['peak_rss_mb']:.0f} |")
+                f"{r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['peak_rss_mb']:.0f} | {r['other_load']:.2f} |")
+        if any(r["other_load"] > LOAD_THRESHOLD for r in results):
+            say("# WARNING: other processes were using CPU during some timings (other_load > 0.2); rerun on a quiet "
+                "machine or with --wait-idle")
 
 
 if __name__ == "__main__":

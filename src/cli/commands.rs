@@ -282,3 +282,52 @@ pub fn eval(model_dir: &Path, task_dir: &Path, adapter_dir: &Path, split: &str, 
     Ok(json!({"task": task.name, "split": split, "adapter": adapter_dir.display().to_string(),
               "accuracy": s.accuracy, "macro_f1": s.macro_f1, "n": s.n}))
 }
+
+pub fn compose(
+    model_dir: &Path,
+    bank_dirs: &[PathBuf],
+    weights: &[f32],
+    head_from: usize,
+    export_rank: Option<usize>,
+    out: &Path,
+    force: bool,
+) -> Result<Value> {
+    check_out(out, crate::lora::peft::CONFIG_FILE, force)?;
+    let bank = load_bank(bank_dirs)?;
+    let n = bank.len();
+    let w: Vec<f32> = if weights.is_empty() { vec![1.0 / n as f32; n] } else { weights.to_vec() };
+    if w.len() != n {
+        bail!("--weights has {} values for {n} bank adapters", w.len());
+    }
+    if w.iter().any(|v| !v.is_finite()) {
+        bail!("--weights must be finite numbers");
+    }
+    let src = bank.get(head_from).ok_or_else(|| anyhow!("--head-from {head_from}: there are only {n} adapters"))?;
+    let Some((shape, hw, hb)) = &src.head else {
+        bail!("{}: has no classifier head to carry over (--head-from)", src.dir.display());
+    };
+    let bert = crate::models::bert::Bert::load(model_dir)?;
+    let pooling = src
+        .meta
+        .as_ref()
+        .and_then(|m| m.get("pooling"))
+        .and_then(|p| p.as_str())
+        .and_then(|p| p.parse::<Pooling>().ok())
+        .unwrap_or(Pooling::Mean);
+    let mut model = Classifier::new(bert, pooling, shape[0], 0);
+    crate::methods::bank::attach_bank(&mut model, &bank, |_, _| crate::lora::bank::Composition::Fixed(w.clone()))?;
+    model.head.w.data.copy_from_slice(hw);
+    if let Some(b) = model.head.bias.as_mut() {
+        b.data.copy_from_slice(hb);
+    }
+    let mut m = src.meta.clone().unwrap_or_else(|| json!({}));
+    if let Some(o) = m.as_object_mut() {
+        o.insert("method".into(), json!("compose"));
+        o.insert("bank".into(), json!(bank_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>()));
+        o.insert("weights".into(), json!(w));
+        o.insert("pooling".into(), json!(pooling));
+    }
+    let errors =
+        crate::methods::export::export_adapter(&model, out, Some(model_dir.display().to_string()), export_rank, &m)?;
+    Ok(json!({"out": out.display().to_string(), "weights": w, "export_relative_error": errors}))
+}

@@ -133,6 +133,25 @@ pub enum Cmd {
         #[arg(long)]
         export_rank: Option<usize>,
     },
+    /// Compose bank adapters with fixed weights (Σ w_n ΔW_n, exact) and write one PEFT adapter.
+    Compose {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, num_args = 1.., required = true)]
+        bank: Vec<PathBuf>,
+        /// One weight per adapter (any real numbers); default uniform 1/N.
+        #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+        weights: Vec<f32>,
+        /// Take the classifier head from this bank adapter (0-based).
+        #[arg(long, default_value_t = 0)]
+        head_from: usize,
+        #[arg(long)]
+        export_rank: Option<usize>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
     /// Evaluate an adapter (as written by train or adapt) on a task split; prints metrics JSON.
     Eval {
         #[arg(long)]
@@ -181,6 +200,10 @@ pub enum Cmd {
         warmup: usize,
         #[arg(long, default_value_t = 10)]
         iters: usize,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, default_value_t = 64)]
+        seq: usize,
         /// Seconds-long run of the tiny workload only (checks the output, not the timing).
         #[arg(long)]
         smoke: bool,
@@ -264,11 +287,15 @@ pub fn run(cli: Cli) -> Result<()> {
             )?;
             println!("{}", serde_json::to_string_pretty(&m)?);
         }
+        Cmd::Compose { model, bank, weights, head_from, export_rank, out, force } => {
+            let m = commands::compose(&model, &bank, &weights, head_from, export_rank, &out, force)?;
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        }
         Cmd::Eval { model, task, adapter, split, max_len } => {
             let m = commands::eval(&model, &task, &adapter, &split, max_len)?;
             println!("{}", serde_json::to_string_pretty(&m)?);
         }
-        Cmd::Bench { workloads, modes, n, warmup, iters, smoke, json } => {
+        Cmd::Bench { workloads, modes, n, warmup, iters, batch, seq, smoke, json } => {
             let opts = if smoke {
                 bench::BenchOpts {
                     workloads: vec!["tiny".into()],
@@ -280,7 +307,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     seq: 16,
                 }
             } else {
-                bench::BenchOpts { workloads, modes, n_adapters: n, warmup, iters, batch: 16, seq: 64 }
+                bench::BenchOpts { workloads, modes, n_adapters: n, warmup, iters, batch, seq }
             };
             if !json {
                 eprintln!("workload  mode      N    median ms   min ms   (threads {})", rayon::current_num_threads());

@@ -77,7 +77,7 @@ impl Sampler {
         s.pos = 0;
         s
     }
-    pub fn next(&mut self) -> Vec<usize> {
+    pub fn next_batch(&mut self) -> Vec<usize> {
         let mut out = Vec::with_capacity(self.batch);
         while out.len() < self.batch {
             if self.pos == self.order.len() {
@@ -106,7 +106,7 @@ pub fn train_model(
     let mut sampler = Sampler::new(data.len(), opts.batch, opts.seed);
     let mut losses = Vec::with_capacity(opts.steps);
     for t in 0..opts.steps {
-        let idx = sampler.next();
+        let idx = sampler.next_batch();
         let items: Vec<&Encoded> = idx.iter().map(|&i| &data[i]).collect();
         let (batch, labels) = batch_of(&items, pad_id);
         let f = opts.lr_factor(t);
@@ -152,7 +152,7 @@ pub fn train_head_on_features(
     let mut sampler = Sampler::new(labels.len(), opts.batch, opts.seed);
     let mut losses = Vec::new();
     for t in 0..opts.steps {
-        let idx = sampler.next();
+        let idx = sampler.next_batch();
         let b = idx.len();
         let x: Vec<f32> = idx.iter().flat_map(|&i| feats[i * d..(i + 1) * d].iter().copied()).collect();
         let y: Vec<usize> = idx.iter().map(|&i| labels[i]).collect();

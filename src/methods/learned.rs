@@ -28,9 +28,9 @@ pub fn hook(global: bool, entropy: f32) -> impl FnMut(&mut Classifier) {
                 let n = w.len();
                 crate::engine::kernels::softmax_rows(&mut w, n);
                 let h: f32 = -w.iter().map(|&x| if x > 0.0 { x * x.ln() } else { 0.0 }).sum::<f32>();
-                for k in 0..n {
-                    let lw = if w[k] > 0.0 { w[k].ln() } else { 0.0 };
-                    p.grad[k] += entropy * (-w[k] * (lw + h));
+                for (g, &wk) in p.grad.iter_mut().zip(&w) {
+                    let lw = if wk > 0.0 { wk.ln() } else { 0.0 };
+                    *g += entropy * (-wk * (lw + h));
                 }
             }
         }
