@@ -187,6 +187,14 @@ pub enum Cmd {
         #[arg(long, default_value_t = 32)]
         batch: usize,
     },
+    /// The paper's three phases end to end on generated data (offline, a few minutes on 2 cores).
+    Demo {
+        /// Report directory.
+        #[arg(long, default_value = "runs/demo")]
+        out: PathBuf,
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Time fixed workloads (median ms per step after warm-up).
     Bench {
         #[arg(long, value_delimiter = ',', default_value = "minilm,ref4")]
@@ -294,6 +302,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Eval { model, task, adapter, split, max_len } => {
             let m = commands::eval(&model, &task, &adapter, &split, max_len)?;
             println!("{}", serde_json::to_string_pretty(&m)?);
+        }
+        Cmd::Demo { out, quiet } => {
+            let report = crate::experiments::demo::run(&out, quiet)?;
+            println!("{report}");
+            println!("Report written to {}.", out.display());
+            println!("The real suite (all-MiniLM-L6-v2, CLINC bank, tasks outside it):");
+            println!("  bash experiments/bank_clinc.sh && bash experiments/fewshot_clinc_bank.sh");
         }
         Cmd::Bench { workloads, modes, n, warmup, iters, batch, seq, smoke, json } => {
             let opts = if smoke {

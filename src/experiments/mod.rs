@@ -1,3 +1,4 @@
 //! Experiments: benchmark, protocol, reports and plots.
 
 pub mod bench;
+pub mod demo;

@@ -140,6 +140,8 @@ pub fn adapt(
     }
     let pad = tok.pad_id;
     let mut model = Classifier::new(bert.clone(), opts.pooling, classes, opts.loop_opts.seed);
+    // The foundation model is frozen whatever state it arrives in; each method makes trainable only its own.
+    model.bert.set_all_trainable(false);
     let adapted = match opts.method {
         Method::LinearProbe => linear_probe::prepare(&mut model),
         Method::Full => full::prepare(&mut model),
