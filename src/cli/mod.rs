@@ -221,6 +221,13 @@ pub enum Cmd {
     },
 }
 
+/// One line of `embed`'s output: `{"text": …, "embedding": […]}`.
+#[derive(serde::Serialize)]
+struct EmbedLine<'a> {
+    text: &'a str,
+    embedding: &'a [f32],
+}
+
 fn read_texts(path: &std::path::Path) -> Result<Vec<String>> {
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut out = Vec::new();
@@ -256,7 +263,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             for (t, e) in texts.iter().zip(embs) {
-                serde_json::to_writer(&mut out, &serde_json::json!({"text": t, "embedding": e}))?;
+                serde_json::to_writer(&mut out, &EmbedLine { text: t, embedding: &e })?;
                 out.write_all(b"\n")?;
             }
             out.flush()?;
