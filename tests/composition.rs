@@ -220,3 +220,61 @@ fn rank_pattern_mismatch_and_unsupported_adapters_are_refused() {
         assert!(e.contains(needle) && e.contains("adapter"), "{field}: {e}");
     }
 }
+
+#[test]
+fn global_weights_stay_tied_and_entropy_penalty_gradient_is_exact() {
+    use loracomp::data::Example;
+    use loracomp::methods::{adapt, AdaptOpts, Method};
+    let d = common::tmpdir("global");
+    let bank = vec![
+        make_adapter(&d.join("a"), 11, 4, 8.0, false, &["query", "value"]),
+        make_adapter(&d.join("b"), 12, 2, 4.0, false, &["query", "value"]),
+        make_adapter(&d.join("c"), 13, 3, 3.0, false, &["query", "value"]),
+    ];
+    // The tiny fixture has no tokenizer: borrow the demo's word-level one (ids < 99 fit its vocabulary).
+    let tokdir = d.join("tok");
+    std::fs::create_dir_all(&tokdir).unwrap();
+    std::fs::write(tokdir.join("tokenizer.json"), loracomp::experiments::demo::tokenizer_json()).unwrap();
+    let tok = loracomp::models::tokenize::TextEncoder::load(&tokdir, 16, 0).unwrap();
+    let ex: Vec<Example> = (0..12)
+        .map(|i| Example { text: format!("w{} w{} w{}", i, (i * 7) % 90, 40 + i % 3), pair: None, label: i % 3 })
+        .collect();
+    let bert = Bert::load(&common::fixture("tiny-bert")).unwrap();
+    let run = |global: bool, entropy: f32| {
+        let mut o = AdaptOpts::defaults(Method::Learned, 0);
+        o.loop_opts.steps = 30;
+        o.global_weights = global;
+        o.entropy_penalty = entropy;
+        adapt(&bert, &tok, 3, &ex, &ex, &bank, &o).unwrap()
+    };
+    let g = run(true, 0.0);
+    let first = &g.weights[0].1;
+    assert!(g.weights.iter().all(|(_, w)| w == first), "global weights differ across layers");
+    assert!(first.iter().any(|w| (w - 1.0 / 3.0).abs() > 1e-3), "weights did not move");
+    let per_layer = run(false, 0.0);
+    assert!(per_layer.weights.iter().any(|(_, w)| w != &per_layer.weights[0].1));
+    assert_eq!(g.trainable_params + 3 * (g.weights.len() - 1), per_layer.trainable_params);
+    // The entropy penalty's gradient is λ·∂H(softmax(v))/∂v: check it by finite differences.
+    let mut m = classifier();
+    attach_bank(&mut m, &bank, |_, n| learned(n)).unwrap();
+    let v0 = vec![0.7f32, -0.4, 0.2];
+    let lam = 0.8f32;
+    let entropy = |v: &[f32]| {
+        let mut w = v.to_vec();
+        loracomp::engine::kernels::softmax_rows(&mut w, 3);
+        -w.iter().map(|x| (*x as f64) * (*x as f64).ln()).sum::<f64>()
+    };
+    if let Composition::Learned(p) = &mut m.bert.layers[0].query.comp {
+        p.data = v0.clone();
+        p.zero_grad();
+    }
+    loracomp::methods::learned::hook(false, lam)(&mut m);
+    let Composition::Learned(p) = &m.bert.layers[0].query.comp else { panic!() };
+    for k in 0..3 {
+        let (mut vp, mut vm) = (v0.clone(), v0.clone());
+        vp[k] += 1e-3;
+        vm[k] -= 1e-3;
+        let num = lam as f64 * (entropy(&vp) - entropy(&vm)) / 2e-3;
+        assert!((num - p.grad[k] as f64).abs() < 1e-3, "entropy grad {k}: {} vs {num}", p.grad[k]);
+    }
+}
