@@ -187,6 +187,19 @@ pub enum Cmd {
         #[arg(long, default_value_t = 32)]
         batch: usize,
     },
+    /// Run (or resume) an experiment sweep from a TOML config: bank, few-shot cells, report, plots, manifest.
+    Sweep {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Logs only, no progress bars.
+        #[arg(long)]
+        quiet: bool,
+        /// Start over in an output directory that holds another config's results.
+        #[arg(long)]
+        force: bool,
+    },
     /// The paper's three phases end to end on generated data (offline, a few minutes on 2 cores).
     Demo {
         /// Report directory.
@@ -309,6 +322,28 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Eval { model, task, adapter, split, max_len } => {
             let m = commands::eval(&model, &task, &adapter, &split, max_len)?;
             println!("{}", serde_json::to_string_pretty(&m)?);
+        }
+        Cmd::Sweep { config, out, quiet, force } => {
+            let cfg = crate::experiments::sweep::SweepConfig::load(&config)?;
+            let text = std::fs::read_to_string(&config)?;
+            let saved = out.join("config.toml");
+            if saved.exists() {
+                let old = std::fs::read_to_string(&saved)?;
+                if old != text {
+                    if !force {
+                        bail!(
+                            "{}: holds results of a different config ({}); pass --force to start over",
+                            out.display(),
+                            saved.display()
+                        );
+                    }
+                    std::fs::remove_file(out.join("results.jsonl")).ok();
+                }
+            }
+            crate::util::write_atomic(&saved, text.as_bytes())?;
+            let opts = crate::experiments::sweep::SweepOpts { quiet, threads: rayon::current_num_threads() };
+            let res = crate::experiments::sweep::run(&cfg, &text, &out, &opts)?;
+            println!("{} cells; report: {}", res.cells.len(), out.join("report.md").display());
         }
         Cmd::Demo { out, quiet } => {
             let report = crate::experiments::demo::run(&out, quiet)?;

@@ -1,0 +1,420 @@
+//! report.md and plots (PNG and SVG through `plotters`) from a sweep's cells.
+
+use super::sweep::{Cell, SweepConfig, SweepOutput};
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+pub fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let m = v.iter().sum::<f64>() / n.max(1.0);
+    let sd = if v.len() > 1 { (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
+    (m, sd)
+}
+
+fn shot_order(s: &str) -> usize {
+    s.parse().unwrap_or(usize::MAX)
+}
+
+/// Accuracy (%) per (task, method, shots) over seeds.
+fn table(cells: &[&Cell]) -> BTreeMap<(String, String, String), Vec<f64>> {
+    let mut t: BTreeMap<(String, String, String), Vec<f64>> = BTreeMap::new();
+    for c in cells {
+        t.entry((c.task.clone(), c.method.clone(), c.shots.clone())).or_default().push(c.accuracy * 100.0);
+    }
+    t
+}
+
+pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()> {
+    let main: Vec<&Cell> = out.cells.iter().filter(|c| c.kind == "main").collect();
+    let t = table(&main);
+    let mut shots: Vec<String> = cfg.shots.iter().map(|s| s.to_string()).collect();
+    shots.sort_by_key(|s| shot_order(s));
+    let methods = &cfg.methods;
+    let mut md = String::new();
+    writeln!(md, "# {}\n", cfg.name).unwrap();
+    writeln!(
+        md,
+        "Model `{}`; bank: {} upstream LoRA modules (rank {}, α {}, on {}); {} seeds; {} steps of batch {} per few-shot run. \
+         Accuracy (%) on each task's test split, mean ± std over seeds.\n",
+        cfg.model.display(),
+        cfg.upstream.len(),
+        cfg.bank.rank,
+        cfg.bank.alpha,
+        cfg.bank.targets.join(", "),
+        cfg.seeds,
+        cfg.adapt.steps,
+        cfg.adapt.batch
+    )
+    .unwrap();
+    let header = |md: &mut String| {
+        writeln!(md, "| method | {} |", shots.iter().map(|s| format!("{s}-shot")).collect::<Vec<_>>().join(" | "))
+            .unwrap();
+        writeln!(md, "|---|{}", "---|".repeat(shots.len())).unwrap();
+    };
+    // average over tasks: per seed, the mean over tasks that have that seed
+    writeln!(md, "## Average over downstream tasks\n").unwrap();
+    header(&mut md);
+    let mut avg: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    for m in methods {
+        let mut row = Vec::new();
+        for s in &shots {
+            let mut per_seed: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+            for c in main.iter().filter(|c| &c.method == m && &c.shots == s) {
+                per_seed.entry(c.seed).or_default().push(c.accuracy * 100.0);
+            }
+            let v: Vec<f64> = per_seed
+                .values()
+                .filter(|v| v.len() == cfg.downstream.len())
+                .map(|v| v.iter().sum::<f64>() / v.len() as f64)
+                .collect();
+            row.push(if v.is_empty() { "–".into() } else { fmt(&v) });
+            avg.insert((m.clone(), s.clone()), v);
+        }
+        writeln!(md, "| {m} | {} |", row.join(" | ")).unwrap();
+    }
+    for task in &cfg.downstream {
+        writeln!(md, "\n## {task}\n").unwrap();
+        header(&mut md);
+        for m in methods {
+            let row: Vec<String> = shots
+                .iter()
+                .map(|s| t.get(&(task.clone(), m.clone(), s.clone())).map(|v| fmt(v)).unwrap_or_else(|| "–".into()))
+                .collect();
+            writeln!(md, "| {m} | {} |", row.join(" | ")).unwrap();
+        }
+    }
+    writeln!(md, "\n## Cost\n\n| method | trainable parameters | mean train seconds per run |\n|---|---|---|").unwrap();
+    for m in methods {
+        let cs: Vec<&&Cell> = main.iter().filter(|c| &c.method == m).collect();
+        if let Some(c) = cs.first() {
+            let secs: Vec<f64> = cs.iter().map(|c| c.train_seconds).collect();
+            writeln!(md, "| {m} | {} | {:.2} |", c.trainable_params, mean_std(&secs).0).unwrap();
+        }
+    }
+    // ablation
+    let ab: Vec<&Cell> = out.cells.iter().filter(|c| c.kind == "ablation").collect();
+    let mut ab_series: BTreeMap<String, BTreeMap<usize, Vec<f64>>> = BTreeMap::new();
+    for c in &ab {
+        ab_series.entry(c.method.clone()).or_default().entry(c.n_modules).or_default().push(c.accuracy * 100.0);
+    }
+    if !ab_series.is_empty() {
+        let shots = cfg.ablation.as_ref().map(|a| a.shots).unwrap_or(0);
+        writeln!(
+            md,
+            "\n## Number of upstream modules ({shots}-shot, random subsets, mean ± std over draws and tasks)\n"
+        )
+        .unwrap();
+        let sizes: Vec<usize> = {
+            let mut s: Vec<usize> = ab.iter().map(|c| c.n_modules).collect();
+            s.sort();
+            s.dedup();
+            s
+        };
+        writeln!(md, "| method | {} |", sizes.iter().map(|s| format!("{s} modules")).collect::<Vec<_>>().join(" | "))
+            .unwrap();
+        writeln!(md, "|---|{}", "---|".repeat(sizes.len())).unwrap();
+        for (m, ser) in &ab_series {
+            let row: Vec<String> =
+                sizes.iter().map(|s| ser.get(s).map(|v| fmt(v)).unwrap_or_else(|| "–".into())).collect();
+            writeln!(md, "| {m} | {} |", row.join(" | ")).unwrap();
+        }
+    }
+    // learned weight vs similarity
+    let pairs = weight_similarity_pairs(out, &main);
+    if !pairs.is_empty() {
+        let rho = spearman(&pairs);
+        writeln!(
+            md,
+            "\n## Does learned composition favour related modules?\n\nSpearman correlation between an upstream task's \
+             similarity to the downstream task (cosine of their mean base-model embeddings) and the learned weight of its \
+             module (mean over layers and seeds at the largest shot count): **ρ = {rho:.3}** over {} (task, module) pairs. \
+             See weight_vs_similarity.png.",
+            pairs.len()
+        )
+        .unwrap();
+    }
+    writeln!(md, "\n## Plots\n\n- accuracy_vs_shots.png / .svg\n- modules_ablation.png / .svg\n- heatmap_weights.png / .svg\n- weight_vs_similarity.png / .svg").unwrap();
+    crate::util::write_atomic(&dir.join("report.md"), md.as_bytes())?;
+
+    // plots
+    let xs: Vec<(String, f64)> = shots.iter().enumerate().map(|(i, s)| (s.clone(), i as f64)).collect();
+    let series: Vec<(String, Vec<(f64, f64)>)> = methods
+        .iter()
+        .map(|m| {
+            let pts = xs
+                .iter()
+                .filter_map(|(s, x)| {
+                    avg.get(&(m.clone(), s.clone())).filter(|v| !v.is_empty()).map(|v| (*x, mean_std(v).0))
+                })
+                .collect();
+            (m.clone(), pts)
+        })
+        .collect();
+    let labels: Vec<String> = xs.iter().map(|(s, _)| s.clone()).collect();
+    line_plot(dir, "accuracy_vs_shots", "Accuracy vs shots (mean over tasks)", "shots per class", &labels, &series)?;
+    if !ab_series.is_empty() {
+        let sizes: Vec<usize> = {
+            let mut s: Vec<usize> = ab.iter().map(|c| c.n_modules).collect();
+            s.sort();
+            s.dedup();
+            s
+        };
+        let labels: Vec<String> = sizes.iter().map(|s| s.to_string()).collect();
+        let series: Vec<(String, Vec<(f64, f64)>)> = ab_series
+            .iter()
+            .map(|(m, ser)| {
+                (
+                    m.clone(),
+                    sizes
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, s)| ser.get(s).map(|v| (i as f64, mean_std(v).0)))
+                        .collect(),
+                )
+            })
+            .collect();
+        line_plot(dir, "modules_ablation", "Accuracy vs number of upstream modules", "modules", &labels, &series)?;
+    }
+    if let Some(h) = &cfg.heatmap {
+        let shots = h.shots.to_string();
+        if let Some(c) =
+            main.iter().find(|c| c.task == h.task && c.method == "learned" && c.shots == shots && c.seed == 0)
+        {
+            heatmap(dir, c)?;
+        }
+    }
+    if !pairs.is_empty() {
+        scatter(dir, &pairs)?;
+    }
+    Ok(())
+}
+
+fn fmt(v: &[f64]) -> String {
+    let (m, s) = mean_std(v);
+    format!("{m:.1} ± {s:.1}")
+}
+
+/// (similarity, mean learned weight) per (downstream task, upstream module), at each task's largest shot count.
+fn weight_similarity_pairs(out: &SweepOutput, main: &[&Cell]) -> Vec<(f64, f64)> {
+    let mut pairs = Vec::new();
+    for (task, sims) in &out.similarity {
+        let learned: Vec<&&Cell> =
+            main.iter().filter(|c| &c.task == task && c.method == "learned" && !c.weights.is_empty()).collect();
+        let Some(top) = learned.iter().map(|c| shot_order(&c.shots)).max() else { continue };
+        let cs: Vec<&&&Cell> = learned.iter().filter(|c| shot_order(&c.shots) == top).collect();
+        for (j, name) in cs[0].modules.iter().enumerate() {
+            let mut ws = Vec::new();
+            for c in &cs {
+                for w in c.weights.values() {
+                    ws.push(w[j] as f64);
+                }
+            }
+            if let Some(s) = sims.get(name) {
+                pairs.push((*s, mean_std(&ws).0));
+            }
+        }
+    }
+    pairs
+}
+
+fn ranks(v: &[f64]) -> Vec<f64> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[a].partial_cmp(&v[b]).unwrap());
+    let mut r = vec![0.0; v.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+            j += 1;
+        }
+        for k in i..=j {
+            r[idx[k]] = (i + j) as f64 / 2.0;
+        }
+        i = j + 1;
+    }
+    r
+}
+
+/// Spearman rank correlation of the pairs.
+pub fn spearman(pairs: &[(f64, f64)]) -> f64 {
+    let a = ranks(&pairs.iter().map(|p| p.0).collect::<Vec<_>>());
+    let b = ranks(&pairs.iter().map(|p| p.1).collect::<Vec<_>>());
+    let (ma, mb) = (mean_std(&a).0, mean_std(&b).0);
+    let cov: f64 = a.iter().zip(&b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt().max(1e-12)
+}
+
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+fn e<E: std::fmt::Debug>(x: E) -> anyhow::Error {
+    anyhow!("plot: {x:?}")
+}
+
+macro_rules! render {
+    ($dir:expr, $name:expr, $size:expr, |$root:ident| $body:block) => {{
+        let svg_path = $dir.join(format!("{}.svg", $name));
+        let png_path = $dir.join(format!("{}.png", $name));
+        let tmp_svg = $dir.join(format!(".{}.svg.tmp", $name));
+        let tmp_png = $dir.join(format!(".{}.png.tmp.png", $name));
+        {
+            let $root = SVGBackend::new(&tmp_svg, $size).into_drawing_area();
+            $body
+            $root.present().map_err(e)?;
+        }
+        {
+            let $root = BitMapBackend::new(&tmp_png, $size).into_drawing_area();
+            $body
+            $root.present().map_err(e)?;
+        }
+        std::fs::rename(&tmp_svg, &svg_path)?;
+        std::fs::rename(&tmp_png, &png_path)?;
+    }};
+}
+
+fn line_plot(
+    dir: &Path,
+    name: &str,
+    title: &str,
+    xlabel: &str,
+    xlabels: &[String],
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let ymin = series.iter().flat_map(|s| s.1.iter().map(|p| p.1)).fold(100.0f64, f64::min).floor().max(0.0);
+    let ymax = series.iter().flat_map(|s| s.1.iter().map(|p| p.1)).fold(0.0f64, f64::max).ceil().min(100.0);
+    let n = xlabels.len().max(1) as f64;
+    render!(dir, name, (800, 500), |root| {
+        root.fill(&WHITE).map_err(e)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(55)
+            .build_cartesian_2d(-0.3f64..(n - 0.7), (ymin - 2.0).max(0.0)..(ymax + 2.0).min(100.0))
+            .map_err(e)?;
+        chart
+            .configure_mesh()
+            .x_desc(xlabel)
+            .y_desc("accuracy (%)")
+            .x_labels(xlabels.len())
+            .x_label_formatter(&|x| {
+                let i = x.round();
+                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < xlabels.len() {
+                    xlabels[i as usize].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .draw()
+            .map_err(e)?;
+        for (i, (m, pts)) in series.iter().enumerate() {
+            let c = COLORS[i % COLORS.len()];
+            chart
+                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
+                .map_err(e)?
+                .label(m.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+            chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled()))).map_err(e)?;
+        }
+        chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw().map_err(e)?;
+    });
+    Ok(())
+}
+
+fn heatmap(dir: &Path, c: &Cell) -> Result<()> {
+    let rows: Vec<(&String, &Vec<f32>)> = c.weights.iter().collect();
+    let nm = c.modules.len();
+    let maxw = rows.iter().flat_map(|r| r.1.iter()).cloned().fold(0.0f32, f32::max).max(1e-6);
+    let h = 120 + 28 * rows.len() as u32;
+    render!(dir, "heatmap_weights", (260 + 60 * nm as u32, h), |root| {
+        root.fill(&WHITE).map_err(e)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(format!("Learned weights: {} ({}-shot, seed {})", c.task, c.shots, c.seed), ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(90)
+            .y_label_area_size(170)
+            .build_cartesian_2d((0..nm).into_segmented(), (0..rows.len()).into_segmented())
+            .map_err(e)?;
+        let name_of = |v: &SegmentValue<usize>, f: &dyn Fn(usize) -> String| match v {
+            SegmentValue::CenterOf(i) => f(*i),
+            _ => String::new(),
+        };
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_labels(nm)
+            .y_labels(rows.len())
+            .x_label_formatter(&|x| name_of(x, &|i| c.modules.get(i).cloned().unwrap_or_default()))
+            .y_label_formatter(&|y| {
+                name_of(y, &|i| {
+                    rows.get(i)
+                        .map(|r| r.0.replace("encoder.layer.", "L").replace("attention.self.", ""))
+                        .unwrap_or_default()
+                })
+            })
+            .x_label_style(("sans-serif", 11).into_font().transform(FontTransform::Rotate90))
+            .draw()
+            .map_err(e)?;
+        chart
+            .draw_series(rows.iter().enumerate().flat_map(|(y, (_, w))| {
+                w.iter().enumerate().map(move |(x, v)| {
+                    let t = (*v / maxw) as f64;
+                    let col = RGBColor((255.0 * (1.0 - t)) as u8, (255.0 * (1.0 - 0.6 * t)) as u8, 255);
+                    Rectangle::new(
+                        [
+                            (SegmentValue::Exact(x), SegmentValue::Exact(y)),
+                            (SegmentValue::Exact(x + 1), SegmentValue::Exact(y + 1)),
+                        ],
+                        col.filled(),
+                    )
+                })
+            }))
+            .map_err(e)?;
+        chart
+            .draw_series(rows.iter().enumerate().flat_map(|(y, (_, w))| {
+                w.iter().enumerate().map(move |(x, v)| {
+                    Text::new(
+                        format!("{v:.2}"),
+                        (SegmentValue::CenterOf(x), SegmentValue::CenterOf(y)),
+                        ("sans-serif", 11).into_font(),
+                    )
+                })
+            }))
+            .map_err(e)?;
+    });
+    Ok(())
+}
+
+fn scatter(dir: &Path, pairs: &[(f64, f64)]) -> Result<()> {
+    let (xmin, xmax) = pairs.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let ymax = pairs.iter().map(|p| p.1).fold(0.0f64, f64::max);
+    render!(dir, "weight_vs_similarity", (700, 500), |root| {
+        root.fill(&WHITE).map_err(e)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Learned weight vs task similarity", ("sans-serif", 20))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d((xmin - 0.02)..(xmax + 0.02), 0.0..(ymax * 1.1 + 1e-3))
+            .map_err(e)?;
+        chart
+            .configure_mesh()
+            .x_desc("similarity (cosine of mean embeddings)")
+            .y_desc("mean learned weight")
+            .draw()
+            .map_err(e)?;
+        chart.draw_series(pairs.iter().map(|p| Circle::new(*p, 4, COLORS[0].filled()))).map_err(e)?;
+    });
+    Ok(())
+}

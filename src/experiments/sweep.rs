@@ -1,0 +1,519 @@
+//! `loracomp sweep`: the paper's protocol on a config file — a bank trained once (reused while its inputs and
+//! settings hash the same), every downstream task × shots × seed × method, a module-count ablation, then
+//! report.md, plots and manifest.json. Each finished cell is appended to results.jsonl at once; a sweep
+//! stopped at any moment resumes where it stopped.
+
+use crate::cli::commands;
+use crate::cli::TrainArgs;
+use crate::data::{sample_k_shot, Example, Task};
+use crate::engine::kernels::Pooling;
+use crate::lora::peft::Adapter;
+use crate::methods::{adapt, AdaptOpts, Method};
+use crate::models::hf::HfEncoder;
+use anyhow::{anyhow, bail, Context, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A shot count: K per class, or the whole training split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShotSpec(pub Option<usize>);
+
+impl<'de> Deserialize<'de> for ShotSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = toml::Value::deserialize(d)?;
+        match v {
+            toml::Value::Integer(k) if k > 0 => Ok(ShotSpec(Some(k as usize))),
+            toml::Value::String(s) if s == "full" => Ok(ShotSpec(None)),
+            other => {
+                Err(serde::de::Error::custom(format!("shots: expected a positive integer or \"full\", got {other}")))
+            }
+        }
+    }
+}
+
+impl Serialize for ShotSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(k) => s.serialize_u64(k as u64),
+            None => s.serialize_str("full"),
+        }
+    }
+}
+
+impl std::fmt::Display for ShotSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(k) => write!(f, "{k}"),
+            None => write!(f, "full"),
+        }
+    }
+}
+
+fn default_shots() -> Vec<ShotSpec> {
+    [1, 2, 4, 8, 16, 32].iter().map(|&k| ShotSpec(Some(k))).chain([ShotSpec(None)]).collect()
+}
+fn default_seeds() -> usize {
+    5
+}
+fn default_methods() -> Vec<String> {
+    Method::ALL.iter().map(|m| m.name().to_string()).collect()
+}
+
+/// How the bank is trained.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BankSettings {
+    pub rank: usize,
+    pub alpha: f32,
+    pub targets: Vec<String>,
+    pub epochs: usize,
+    pub seed: u64,
+    pub batch: usize,
+}
+
+impl Default for BankSettings {
+    fn default() -> Self {
+        BankSettings {
+            rank: 16,
+            alpha: 32.0,
+            targets: vec!["query".into(), "value".into()],
+            epochs: 2,
+            seed: 0,
+            batch: 16,
+        }
+    }
+}
+
+/// Few-shot training settings shared by every method (learning rates are each method's defaults unless given).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptSettings {
+    pub steps: usize,
+    pub batch: usize,
+    pub max_len: usize,
+    pub lr: BTreeMap<String, f32>,
+    pub lr_head: Option<f32>,
+    pub lora_rank: usize,
+    pub lora_alpha: f32,
+}
+
+impl Default for AdaptSettings {
+    fn default() -> Self {
+        AdaptSettings {
+            steps: 100,
+            batch: 16,
+            max_len: 128,
+            lr: BTreeMap::new(),
+            lr_head: None,
+            lora_rank: 8,
+            lora_alpha: 16.0,
+        }
+    }
+}
+
+/// Accuracy against the number of bank modules (random subsets).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ablation {
+    pub shots: usize,
+    #[serde(default)]
+    pub sizes: Vec<usize>,
+    #[serde(default = "three")]
+    pub draws: usize,
+    #[serde(default = "ablation_methods")]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub tasks: Vec<String>,
+}
+fn three() -> usize {
+    3
+}
+fn ablation_methods() -> Vec<String> {
+    vec!["uniform".into(), "learned".into()]
+}
+
+/// Which learned composition to draw as a heatmap.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heatmap {
+    pub task: String,
+    pub shots: ShotSpec,
+}
+
+/// A sweep configuration (TOML).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepConfig {
+    pub name: String,
+    /// Hugging Face model directory (relative paths are taken from the current directory).
+    pub model: PathBuf,
+    /// Directory holding the task directories.
+    pub data: PathBuf,
+    pub upstream: Vec<String>,
+    pub downstream: Vec<String>,
+    /// Leave a downstream task's own adapter out of its bank (label-shift suites where the lists overlap).
+    #[serde(default)]
+    pub exclude_self: bool,
+    #[serde(default = "default_shots")]
+    pub shots: Vec<ShotSpec>,
+    #[serde(default = "default_seeds")]
+    pub seeds: usize,
+    #[serde(default = "default_methods")]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub bank: BankSettings,
+    #[serde(default)]
+    pub adapt: AdaptSettings,
+    #[serde(default)]
+    pub ablation: Option<Ablation>,
+    #[serde(default)]
+    pub heatmap: Option<Heatmap>,
+}
+
+impl SweepConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let cfg: SweepConfig = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        cfg.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        for m in self.methods.iter().chain(self.ablation.iter().flat_map(|a| a.methods.iter())) {
+            m.parse::<Method>().map_err(|e| anyhow!("field 'methods': {e}"))?;
+        }
+        if self.upstream.is_empty() && self.methods.iter().any(|m| m == "uniform" || m == "learned") {
+            bail!("field 'upstream': composition methods need at least one upstream task");
+        }
+        if self.downstream.is_empty() {
+            bail!("field 'downstream' is empty");
+        }
+        if self.seeds == 0 || self.shots.is_empty() {
+            bail!("fields 'seeds' and 'shots' must not be empty");
+        }
+        for k in self.adapt.lr.keys() {
+            k.parse::<Method>().map_err(|e| anyhow!("field 'adapt.lr': {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// One finished cell (a line of results.jsonl).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Cell {
+    pub key: String,
+    pub kind: String,
+    pub task: String,
+    pub method: String,
+    pub shots: String,
+    pub seed: u64,
+    pub n_modules: usize,
+    pub modules: Vec<String>,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    pub trainable_params: usize,
+    pub train_seconds: f64,
+    #[serde(default)]
+    pub weights: BTreeMap<String, Vec<f32>>,
+}
+
+/// Read results.jsonl; a torn last line (a kill mid-write) is cut off, any other bad line is an error.
+pub fn read_results(path: &Path) -> Result<Vec<Cell>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut cells = Vec::new();
+    let mut good = 0usize;
+    let mut pos = 0usize;
+    for (i, line) in bytes.split_inclusive(|b| *b == b'\n').enumerate() {
+        let complete = line.ends_with(b"\n");
+        match serde_json::from_slice::<Cell>(line) {
+            Ok(c) if complete => {
+                cells.push(c);
+                good = pos + line.len();
+            }
+            _ if !complete => break,
+            Err(e) => bail!("{}:{}: not a result line: {e}", path.display(), i + 1),
+            Ok(_) => unreachable!(),
+        }
+        pos += line.len();
+    }
+    if good < bytes.len() {
+        let f = std::fs::OpenOptions::new().write(true).open(path)?;
+        f.set_len(good as u64)?;
+    }
+    Ok(cells)
+}
+
+fn append_result(path: &Path, c: &Cell) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut line = serde_json::to_vec(c)?;
+    line.push(b'\n');
+    f.write_all(&line)?;
+    f.sync_data()?;
+    Ok(())
+}
+
+fn sha256_files(paths: &[PathBuf]) -> Result<String> {
+    let mut h = Sha256::new();
+    for p in paths {
+        let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+        h.update(p.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default().as_bytes());
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(&bytes);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+fn task_files(dir: &Path) -> Vec<PathBuf> {
+    ["labels.txt", "train.jsonl", "valid.jsonl", "test.jsonl"].iter().map(|f| dir.join(f)).collect()
+}
+
+/// Sweep progress and options.
+pub struct SweepOpts {
+    pub quiet: bool,
+    pub threads: usize,
+}
+
+/// The state the report and plots are drawn from.
+pub struct SweepOutput {
+    pub cells: Vec<Cell>,
+    pub similarity: BTreeMap<String, BTreeMap<String, f64>>,
+    pub bank_names: Vec<String>,
+}
+
+/// Run (or resume) a sweep into `out`.
+pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> Result<SweepOutput> {
+    let t0 = std::time::Instant::now();
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let results_path = out.join("results.jsonl");
+    let mut cells = read_results(&results_path)?;
+    let done: HashSet<String> = cells.iter().map(|c| c.key.clone()).collect();
+    let log = |s: &str| {
+        if !opts.quiet {
+            eprintln!("{s}");
+        }
+    };
+    let model_files =
+        vec![cfg.model.join("config.json"), cfg.model.join("model.safetensors"), cfg.model.join("tokenizer.json")];
+    let model_hash = sha256_files(&model_files)?;
+    let mut input_hashes = BTreeMap::new();
+    input_hashes.insert("model".to_string(), model_hash.clone());
+
+    // Phase 2: the bank, trained once per (model, task data, settings).
+    let settings_json = serde_json::to_string(&cfg.bank)?;
+    let mut bank_dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let pb = progress(cfg.upstream.len(), "bank", opts.quiet);
+    for up in &cfg.upstream {
+        let tdir = cfg.data.join(up);
+        let th = sha256_files(&task_files(&tdir))?;
+        input_hashes.insert(format!("task:{up}"), th.clone());
+        let mut h = Sha256::new();
+        h.update(model_hash.as_bytes());
+        h.update(th.as_bytes());
+        h.update(settings_json.as_bytes());
+        let key = format!("{:x}", h.finalize());
+        let dir = out.join("bank").join(format!("{up}-{}", &key[..12]));
+        if !dir.join("metrics.json").exists() {
+            pb.set_message(format!("training {up}"));
+            let args = TrainArgs {
+                model: cfg.model.clone(),
+                task: tdir.clone(),
+                seed: cfg.bank.seed,
+                steps: None,
+                batch: cfg.bank.batch,
+                lr: None,
+                lr_head: None,
+                weight_decay: 0.0,
+                pooling: Pooling::Mean,
+                max_len: cfg.adapt.max_len,
+                force: true,
+            };
+            let m =
+                commands::train(&args, &dir, cfg.bank.rank, cfg.bank.alpha, &cfg.bank.targets, cfg.bank.epochs, None)?;
+            log(&format!("bank: {up}: valid accuracy {:.4}", m["valid_accuracy"].as_f64().unwrap_or(0.0)));
+        }
+        bank_dirs.insert(up.clone(), dir);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let bank_all: BTreeMap<String, Adapter> =
+        bank_dirs.iter().map(|(k, d)| Ok((k.clone(), Adapter::load(d)?))).collect::<Result<_>>()?;
+
+    // Phase 3: cells.
+    let mut enc = HfEncoder::load(&cfg.model, cfg.adapt.max_len)?;
+    let mut plan: Vec<(String, String, String, ShotSpec, u64, Vec<String>)> = Vec::new();
+    for task in &cfg.downstream {
+        let bank_for: Vec<String> =
+            cfg.upstream.iter().filter(|u| !(cfg.exclude_self && *u == task)).cloned().collect();
+        for &k in &cfg.shots {
+            for seed in 0..cfg.seeds as u64 {
+                for m in &cfg.methods {
+                    let key = format!("main|{task}|{m}|{k}|{seed}");
+                    plan.push((key, task.clone(), m.clone(), k, seed, bank_for.clone()));
+                }
+            }
+        }
+    }
+    if let Some(ab) = &cfg.ablation {
+        let tasks = if ab.tasks.is_empty() { cfg.downstream.clone() } else { ab.tasks.clone() };
+        for task in &tasks {
+            let pool: Vec<String> =
+                cfg.upstream.iter().filter(|u| !(cfg.exclude_self && *u == task)).cloned().collect();
+            let mut sizes = if ab.sizes.is_empty() {
+                let mut s = vec![];
+                let mut n = 1;
+                while n < pool.len() {
+                    s.push(n);
+                    n *= 2;
+                }
+                s.push(pool.len());
+                s
+            } else {
+                ab.sizes.clone()
+            };
+            sizes.retain(|&s| s >= 1 && s <= pool.len());
+            for &size in &sizes {
+                for draw in 0..ab.draws as u64 {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + draw * 7919 + size as u64);
+                    let mut sub = pool.clone();
+                    sub.shuffle(&mut rng);
+                    sub.truncate(size);
+                    sub.sort();
+                    for m in &ab.methods {
+                        let key = format!("ablation|{task}|{m}|{size}|{draw}");
+                        plan.push((key, task.clone(), m.clone(), ShotSpec(Some(ab.shots)), draw, sub.clone()));
+                    }
+                }
+            }
+        }
+    }
+    let todo: Vec<_> = plan.into_iter().filter(|p| !done.contains(&p.0)).collect();
+    log(&format!("sweep '{}': {} cells to run ({} already done)", cfg.name, todo.len(), done.len()));
+    let mut tasks: HashMap<String, (Task, Vec<Example>, Vec<Example>)> = HashMap::new();
+    let pb = progress(todo.len(), "cells", opts.quiet);
+    for (key, task_name, method, k, seed, bank_names) in todo {
+        pb.set_message(format!("{task_name} {method} {k}-shot seed {seed}"));
+        if !tasks.contains_key(&task_name) {
+            let t = Task::open(&cfg.data.join(&task_name))?;
+            input_hashes.insert(format!("task:{task_name}"), sha256_files(&task_files(&t.dir))?);
+            let (tr, te) = (t.split("train")?, t.split("test")?);
+            tasks.insert(task_name.clone(), (t, tr, te));
+        }
+        let (task, train, test) = &tasks[&task_name];
+        let m: Method = method.parse().map_err(|e: String| anyhow!(e))?;
+        let fs = sample_k_shot(train, task.labels.len(), k.0, seed);
+        let bank: Vec<Adapter> =
+            if m.needs_bank() { bank_names.iter().map(|b| bank_all[b].clone()).collect() } else { Vec::new() };
+        let mut o = AdaptOpts::defaults(m, seed);
+        o.loop_opts.steps = cfg.adapt.steps;
+        o.loop_opts.batch = cfg.adapt.batch;
+        o.rank = cfg.adapt.lora_rank;
+        o.alpha = cfg.adapt.lora_alpha;
+        if let Some(lr) = cfg.adapt.lr.get(&method) {
+            o.lr_body = *lr;
+        }
+        if let Some(lr) = cfg.adapt.lr_head {
+            o.lr_head = lr;
+        }
+        let r = adapt(&enc.bert, &enc.tok, task.labels.len(), &fs.examples, test, &bank, &o)?;
+        let kind = key.split('|').next().unwrap().to_string();
+        let cell = Cell {
+            key,
+            kind,
+            task: task_name.clone(),
+            method: method.clone(),
+            shots: k.to_string(),
+            seed,
+            n_modules: if m.needs_bank() { bank.len() } else { 0 },
+            modules: if m.needs_bank() { bank_names.clone() } else { Vec::new() },
+            accuracy: r.scores.accuracy,
+            macro_f1: r.scores.macro_f1,
+            trainable_params: r.trainable_params,
+            train_seconds: r.train_seconds,
+            weights: if m == Method::Learned { r.weights.into_iter().collect() } else { BTreeMap::new() },
+        };
+        append_result(&results_path, &cell)?;
+        cells.push(cell);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+
+    // Similarity of each upstream task to each downstream task: cosine of their mean base-model embeddings.
+    let mut similarity = BTreeMap::new();
+    let centroid = |enc: &mut HfEncoder, dir: &Path| -> Result<Vec<f32>> {
+        let t = Task::open(dir)?;
+        let ex = t.split("train")?;
+        let texts: Vec<String> = ex.iter().take(128).map(|e| e.text.clone()).collect();
+        let e = enc.embed(&texts, Pooling::Mean, true, 64)?;
+        let d = e[0].len();
+        let mut c = vec![0.0f32; d];
+        for v in &e {
+            c.iter_mut().zip(v).for_each(|(a, b)| *a += b / e.len() as f32);
+        }
+        Ok(c)
+    };
+    let cos = |a: &[f32], b: &[f32]| {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+        (dot / (na * nb).max(1e-12)) as f64
+    };
+    if cfg.methods.iter().any(|m| m == "learned") && !cfg.upstream.is_empty() {
+        let ups: Vec<(String, Vec<f32>)> = cfg
+            .upstream
+            .iter()
+            .map(|u| Ok((u.clone(), centroid(&mut enc, &cfg.data.join(u))?)))
+            .collect::<Result<_>>()?;
+        for d in &cfg.downstream {
+            let c = centroid(&mut enc, &cfg.data.join(d))?;
+            similarity.insert(d.clone(), ups.iter().map(|(u, cu)| (u.clone(), cos(cu, &c))).collect());
+        }
+    }
+    let output = SweepOutput { cells, similarity, bank_names: cfg.upstream.clone() };
+    super::report::write_all(cfg, &output, out)?;
+    let manifest = json!({
+        "name": cfg.name,
+        "config": cfg_text,
+        "input_sha256": input_hashes,
+        "seeds": (0..cfg.seeds).collect::<Vec<_>>(),
+        "loracomp_version": env!("CARGO_PKG_VERSION"),
+        "git_commit": git_commit(),
+        "threads": opts.threads,
+        "cells": output.cells.len(),
+        "wall_seconds_this_run": t0.elapsed().as_secs_f64(),
+        "train_seconds_all_cells": output.cells.iter().map(|c| c.train_seconds).sum::<f64>(),
+    });
+    crate::util::write_atomic(&out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    Ok(output)
+}
+
+fn git_commit() -> Value {
+    std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| json!(String::from_utf8_lossy(&o.stdout).trim().to_string()))
+        .unwrap_or(Value::Null)
+}
+
+fn progress(n: usize, what: &str, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(n as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(&format!("{what} [{{bar:30}}] {{pos}}/{{len}} eta {{eta}} {{msg}}"))
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    pb
+}
