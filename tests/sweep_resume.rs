@@ -1,0 +1,136 @@
+//! A sweep killed with SIGKILL at arbitrary moments and resumed ends with the same results as an uninterrupted
+//! run, with no cell duplicated; a different config in the same directory is refused without --force.
+
+mod common;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+fn write_task(dir: &Path, words: &[(&str, [&str; 4])]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let labels: Vec<&str> = words.iter().map(|w| w.0).collect();
+    std::fs::write(dir.join("labels.txt"), labels.join("\n") + "\n").unwrap();
+    for split in ["train", "valid", "test"] {
+        let mut s = String::new();
+        for (label, texts) in words {
+            for t in texts {
+                s += &serde_json::json!({"text": format!("{t} ({split})"), "label": label}).to_string();
+                s.push('\n');
+            }
+        }
+        std::fs::write(dir.join(format!("{split}.jsonl")), s).unwrap();
+    }
+}
+
+fn config(root: &Path, steps: usize) -> String {
+    format!(
+        r#"name = "resume-test"
+model = "{}"
+data = "{}"
+upstream = ["up1", "up2"]
+downstream = ["down"]
+shots = [1, 2]
+seeds = 2
+methods = ["linear-probe", "uniform", "learned", "lora"]
+[bank]
+epochs = 1
+rank = 2
+alpha = 4
+[adapt]
+steps = {steps}
+[ablation]
+shots = 1
+draws = 2
+"#,
+        common::minilm_dir().display(),
+        root.join("data").display()
+    )
+}
+
+fn results(dir: &Path) -> BTreeMap<String, (f64, f64)> {
+    let text = std::fs::read_to_string(dir.join("results.jsonl")).unwrap();
+    let mut m = BTreeMap::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let key = v["key"].as_str().unwrap().to_string();
+        let prev = m.insert(key.clone(), (v["accuracy"].as_f64().unwrap(), v["macro_f1"].as_f64().unwrap()));
+        assert!(prev.is_none(), "cell {key} duplicated");
+    }
+    m
+}
+
+#[test]
+fn killed_sweep_resumes_to_the_same_results() {
+    let root = common::tmpdir("sweep");
+    write_task(
+        &root.join("data/up1"),
+        &[
+            ("a", ["red apple", "green pear", "ripe plum", "sweet fig"]),
+            ("b", ["fast car", "old bus", "red truck", "new bike"]),
+        ],
+    );
+    write_task(
+        &root.join("data/up2"),
+        &[
+            ("x", ["cold snow", "heavy rain", "warm sun", "thick fog"]),
+            ("y", ["loud drum", "soft flute", "sad violin", "bright horn"]),
+        ],
+    );
+    write_task(
+        &root.join("data/down"),
+        &[
+            ("p", ["a small cat", "the big dog", "one brown cow", "two white goats"]),
+            ("q", ["blue sky", "dark night", "grey cloud", "clear dawn"]),
+        ],
+    );
+    let cfg = root.join("sweep.toml");
+    std::fs::write(&cfg, config(&root, 3)).unwrap();
+    let run = |out: &Path| {
+        common::bin()
+            .args(["--threads", "2", "sweep", "--quiet", "--config"])
+            .arg(&cfg)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+
+    let clean = root.join("clean");
+    let o = run(&clean);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = results(&clean);
+    assert!(want.len() >= 2 * 2 * 4, "{} cells", want.len());
+
+    let killed = root.join("killed");
+    let mut kills = 0;
+    for delay_ms in [700u64, 1300, 1900, 2600, 400, 3300] {
+        let mut child = common::bin()
+            .args(["--threads", "2", "sweep", "--quiet", "--config"])
+            .arg(&cfg)
+            .arg("--out")
+            .arg(&killed)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    let o = run(&killed);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(kills > 0, "the sweep finished before any kill; the test proves nothing");
+    assert_eq!(results(&killed), want, "resumed results differ from the uninterrupted run");
+    for f in ["report.md", "manifest.json", "accuracy_vs_shots.png", "accuracy_vs_shots.svg", "modules_ablation.png"] {
+        assert!(killed.join(f).exists(), "{f}");
+    }
+
+    // another config in the same directory is refused
+    std::fs::write(&cfg, config(&root, 4)).unwrap();
+    let o = run(&killed);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+}
