@@ -373,21 +373,23 @@ def main():
 
     results = []
     for w, attn, mode, n, impl in configs(args):
-        for attempt in range(args.retries + 1):
-            if args.wait_idle > 0:
-                wait_idle(args.wait_idle, say=say)
-            if args.isolate:
-                cmd = [sys.executable, os.path.abspath(__file__), "--json", "--workloads", w, "--attn", attn,
-                       "--modes", mode, "--n", str(n if n else 1), "--impls", impl, "--threads", str(args.threads),
-                       "--warmup", str(args.warmup), "--iters", str(args.iters)] + (["--bf16"] if args.bf16 else [])
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                res = json.loads(out.strip().splitlines()[-1])
-            else:
+        if args.isolate:
+            # the child waits for idle and retries itself, right before its timing
+            cmd = [sys.executable, os.path.abspath(__file__), "--json", "--workloads", w, "--attn", attn,
+                   "--modes", mode, "--n", str(n if n else 1), "--impls", impl, "--threads", str(args.threads),
+                   "--warmup", str(args.warmup), "--iters", str(args.iters), "--wait-idle", str(args.wait_idle),
+                   "--retries", str(args.retries)] + (["--bf16"] if args.bf16 else [])
+            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+            res = json.loads(out.strip().splitlines()[-1])
+        else:
+            for attempt in range(args.retries + 1):
+                if args.wait_idle > 0:
+                    wait_idle(args.wait_idle, say=say)
                 res = run_config(w, attn, mode, n, impl, args.bf16, args.threads, args.warmup, args.iters)
-            if not res["other_load"] > LOAD_THRESHOLD:
-                break
-            say(f"# {res['impl']} {w} {mode} N={n}: other_load {res['other_load']:.2f} during timing"
-                + (", retrying" if attempt < args.retries else ", giving up (result kept)"))
+                if not res["other_load"] > LOAD_THRESHOLD:
+                    break
+                say(f"# {res['impl']} {w} {mode} N={n}: other_load {res['other_load']:.2f} during timing"
+                    + (", retrying" if attempt < args.retries else ", giving up (result kept)"))
         results.append(res)
         print(json.dumps(res), flush=True)
 

@@ -179,6 +179,10 @@ pub struct AdaptCli {
     pub global_weights: bool,
     pub entropy_penalty: f32,
     pub export_rank: Option<usize>,
+    pub select: Option<usize>,
+    pub lorahub_generations: usize,
+    pub density: f32,
+    pub drop_p: f32,
 }
 
 pub fn adapt(args: &TrainArgs, a: AdaptCli) -> Result<Value> {
@@ -196,8 +200,12 @@ pub fn adapt(args: &TrainArgs, a: AdaptCli) -> Result<Value> {
     opts.targets = a.targets.clone();
     opts.global_weights = a.global_weights;
     opts.entropy_penalty = a.entropy_penalty;
+    opts.select = a.select;
+    opts.lorahub_generations = a.lorahub_generations;
+    opts.density = a.density;
+    opts.drop_p = a.drop_p;
     let res = run_adapt(&enc.bert, &enc.tok, task.labels.len(), &fs.examples, &test, &bank, &opts)?;
-    let bank_names: Vec<String> = bank.iter().map(|b| b.dir.display().to_string()).collect();
+    let bank_names: Vec<String> = res.used_modules.iter().map(|&i| bank[i].dir.display().to_string()).collect();
     let weights: serde_json::Map<String, Value> = res.weights.iter().map(|(p, w)| (p.clone(), json!(w))).collect();
     let m = meta(
         &task,
@@ -231,6 +239,7 @@ pub fn adapt(args: &TrainArgs, a: AdaptCli) -> Result<Value> {
         "final_loss": res.final_loss,
         "bank": bank_names,
         "module_weights": weights,
+        "details": res.details,
         "export_rank": a.export_rank,
         "export_relative_error": export_errors,
         "options": opts,

@@ -132,6 +132,21 @@ pub enum Cmd {
         /// Compress the exported LoRA to this rank by truncated SVD (default: exact concatenation).
         #[arg(long)]
         export_rank: Option<usize>,
+        /// Keep only the k bank modules that retrieval ranks best for the few-shot examples.
+        #[arg(long)]
+        select: Option<usize>,
+        /// Retrieval criterion for --select (arrow: singular-vector prototypes of each module vs the examples).
+        #[arg(long, default_value = "arrow", value_parser = ["arrow"])]
+        by: String,
+        /// CMA-ES generations for lorahub.
+        #[arg(long, default_value_t = 40)]
+        lorahub_generations: usize,
+        /// Fraction of entries kept by ties / magnitude-prune / dare-ties.
+        #[arg(long, default_value_t = 0.2)]
+        density: f32,
+        /// Drop probability of dare.
+        #[arg(long, default_value_t = 0.5)]
+        drop_p: f32,
     },
     /// Compose bank adapters with fixed weights (Σ w_n ΔW_n, exact) and write one PEFT adapter.
     Compose {
@@ -297,6 +312,11 @@ pub fn run(cli: Cli) -> Result<()> {
             global_weights,
             entropy_penalty,
             export_rank,
+            select,
+            by: _,
+            lorahub_generations,
+            density,
+            drop_p,
         } => {
             let m = commands::adapt(
                 &args,
@@ -311,6 +331,10 @@ pub fn run(cli: Cli) -> Result<()> {
                     global_weights,
                     entropy_penalty,
                     export_rank,
+                    select,
+                    lorahub_generations,
+                    density,
+                    drop_p,
                 },
             )?;
             println!("{}", serde_json::to_string_pretty(&m)?);

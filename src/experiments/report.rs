@@ -100,6 +100,14 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
     for c in &ab {
         ab_series.entry(c.method.clone()).or_default().entry(c.n_modules).or_default().push(c.accuracy * 100.0);
     }
+    for c in out.cells.iter().filter(|c| c.kind == "retrieval") {
+        ab_series
+            .entry(format!("{} (arrow top-k)", c.method))
+            .or_default()
+            .entry(c.n_modules)
+            .or_default()
+            .push(c.accuracy * 100.0);
+    }
     if !ab_series.is_empty() {
         let shots = cfg.ablation.as_ref().map(|a| a.shots).unwrap_or(0);
         writeln!(

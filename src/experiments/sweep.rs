@@ -130,6 +130,9 @@ pub struct Ablation {
     pub methods: Vec<String>,
     #[serde(default)]
     pub tasks: Vec<String>,
+    /// Also run Arrow-style retrieval of the top-k modules for each size k (a curve beside random subsets).
+    #[serde(default)]
+    pub retrieval: bool,
 }
 fn three() -> usize {
     3
@@ -390,6 +393,10 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
                     for m in &ab.methods {
                         let key = format!("ablation|{task}|{m}|{size}|{draw}");
                         plan.push((key, task.clone(), m.clone(), ShotSpec(Some(ab.shots)), draw, sub.clone()));
+                        if ab.retrieval {
+                            let key = format!("retrieval|{task}|{m}|{size}|{draw}");
+                            plan.push((key, task.clone(), m.clone(), ShotSpec(Some(ab.shots)), draw, pool.clone()));
+                        }
                     }
                 }
             }
@@ -423,8 +430,12 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
         if let Some(lr) = cfg.adapt.lr_head {
             o.lr_head = lr;
         }
-        let r = adapt(&enc.bert, &enc.tok, task.labels.len(), &fs.examples, test, &bank, &o)?;
         let kind = key.split('|').next().unwrap().to_string();
+        if kind == "retrieval" {
+            o.select = key.split('|').nth(3).and_then(|s| s.parse().ok());
+        }
+        let r = adapt(&enc.bert, &enc.tok, task.labels.len(), &fs.examples, test, &bank, &o)?;
+        let used: Vec<String> = r.used_modules.iter().map(|&i| bank_names[i].clone()).collect();
         let cell = Cell {
             key,
             kind,
@@ -432,8 +443,8 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
             method: method.clone(),
             shots: k.to_string(),
             seed,
-            n_modules: if m.needs_bank() { bank.len() } else { 0 },
-            modules: if m.needs_bank() { bank_names.clone() } else { Vec::new() },
+            n_modules: if m.needs_bank() { used.len() } else { 0 },
+            modules: if m.needs_bank() { used } else { Vec::new() },
             accuracy: r.scores.accuracy,
             macro_f1: r.scores.macro_f1,
             trainable_params: r.trainable_params,

@@ -8,6 +8,9 @@
 //! | `lora` | fresh LoRA on the targets + head | `lora.rs` |
 //! | `uniform` | head (bank merged with weights 1/N) | `uniform.rs` |
 //! | `learned` | softmax logits per layer (or one global vector) + head | `learned.rs` |
+//! | `lorahub`, `lorahub-compat` | head (module weights searched by CMA-ES) | `peers.rs` |
+//! | `task-arithmetic`, `ties`, `dare`, `dare-ties`, `magnitude-prune` | head (dense merge, λ chosen) | `peers.rs`, `merges.rs` |
+//! | `best-single` | head (one module chosen) | `peers.rs` |
 
 pub mod bank;
 pub mod common;
@@ -16,6 +19,8 @@ pub mod full;
 pub mod learned;
 pub mod linear_probe;
 pub mod lora;
+pub mod merges;
+pub mod peers;
 pub mod step;
 pub mod uniform;
 
@@ -39,10 +44,30 @@ pub enum Method {
     Lora,
     Uniform,
     Learned,
+    Lorahub,
+    LorahubCompat,
+    TaskArithmetic,
+    Ties,
+    Dare,
+    DareTies,
+    MagnitudePrune,
+    BestSingle,
 }
 
 impl Method {
+    /// The paper's methods.
     pub const ALL: [Method; 5] = [Method::LinearProbe, Method::Full, Method::Lora, Method::Uniform, Method::Learned];
+    /// Peers run on the same bank.
+    pub const PEERS: [Method; 8] = [
+        Method::Lorahub,
+        Method::LorahubCompat,
+        Method::TaskArithmetic,
+        Method::Ties,
+        Method::Dare,
+        Method::DareTies,
+        Method::MagnitudePrune,
+        Method::BestSingle,
+    ];
     pub fn name(self) -> &'static str {
         match self {
             Method::LinearProbe => "linear-probe",
@@ -50,24 +75,32 @@ impl Method {
             Method::Lora => "lora",
             Method::Uniform => "uniform",
             Method::Learned => "learned",
+            Method::Lorahub => "lorahub",
+            Method::LorahubCompat => "lorahub-compat",
+            Method::TaskArithmetic => "task-arithmetic",
+            Method::Ties => "ties",
+            Method::Dare => "dare",
+            Method::DareTies => "dare-ties",
+            Method::MagnitudePrune => "magnitude-prune",
+            Method::BestSingle => "best-single",
         }
     }
     pub fn needs_bank(self) -> bool {
-        matches!(self, Method::Uniform | Method::Learned)
+        !matches!(self, Method::LinearProbe | Method::Full | Method::Lora)
     }
     /// Whether the encoder stays frozen, so the head can be trained on cached features.
     fn frozen_encoder(self) -> bool {
-        matches!(self, Method::LinearProbe | Method::Uniform)
+        !matches!(self, Method::Full | Method::Lora | Method::Learned)
     }
 }
 
 impl std::str::FromStr for Method {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Method::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| format!("unknown method '{s}' (linear-probe, full, lora, uniform, learned)"))
+        Method::ALL.into_iter().chain(Method::PEERS).find(|m| m.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Method::ALL.iter().chain(Method::PEERS.iter()).map(|m| m.name()).collect();
+            format!("unknown method '{s}' ({})", names.join(", "))
+        })
     }
 }
 
@@ -87,6 +120,13 @@ pub struct AdaptOpts {
     pub entropy_penalty: f32,
     pub pooling: Pooling,
     pub eval_batch: usize,
+    /// Keep only the `k` bank modules that Arrow-style retrieval ranks best for the few-shot examples.
+    pub select: Option<usize>,
+    /// CMA-ES generations for LoraHub.
+    pub lorahub_generations: usize,
+    /// Density kept by TIES / magnitude pruning, drop probability of DARE.
+    pub density: f32,
+    pub drop_p: f32,
 }
 
 impl AdaptOpts {
@@ -96,7 +136,7 @@ impl AdaptOpts {
             Method::Full => 1e-4,
             Method::Lora => 1e-3,
             Method::Learned => 5e-2,
-            Method::LinearProbe | Method::Uniform => 0.0,
+            _ => 0.0,
         };
         AdaptOpts {
             method,
@@ -110,6 +150,10 @@ impl AdaptOpts {
             entropy_penalty: 0.0,
             pooling: Pooling::Mean,
             eval_batch: 64,
+            select: None,
+            lorahub_generations: 40,
+            density: 0.2,
+            drop_p: 0.5,
         }
     }
 }
@@ -123,6 +167,10 @@ pub struct Outcome {
     pub final_loss: f32,
     /// Learned (or fixed) module weights per adapted layer path.
     pub weights: Vec<(String, Vec<f32>)>,
+    /// The bank modules used (indices into the given bank, after any retrieval).
+    pub used_modules: Vec<usize>,
+    /// Method-specific choices (LoraHub weights, λ, chosen module).
+    pub details: serde_json::Value,
 }
 
 /// Adapt `bert` to `train` with `opts.method`, then score on `test`.
@@ -142,20 +190,99 @@ pub fn adapt(
     let mut model = Classifier::new(bert.clone(), opts.pooling, classes, opts.loop_opts.seed);
     // The foundation model is frozen whatever state it arrives in; each method makes trainable only its own.
     model.bert.set_all_trainable(false);
+    let train_enc = encode_all(tok, train)?;
+    let t0 = Instant::now();
+    let mut used_modules: Vec<usize> = (0..bank.len()).collect();
+    if let (Some(k), true) = (opts.select, opts.method.needs_bank()) {
+        used_modules = peers::arrow_select(&mut model, bank, &train_enc, pad, k)?;
+    }
+    let sub: Vec<Adapter> = used_modules.iter().map(|&i| bank[i].clone()).collect();
+    let bank = &sub[..];
+    let mut details = serde_json::Value::Null;
     let adapted = match opts.method {
         Method::LinearProbe => linear_probe::prepare(&mut model),
         Method::Full => full::prepare(&mut model),
         Method::Lora => lora::prepare(&mut model, opts)?,
         Method::Uniform => uniform::prepare(&mut model, bank)?,
         Method::Learned => learned::prepare(&mut model, bank)?,
+        peer => {
+            let paths = uniform::prepare(&mut model, bank)?;
+            let (n, seed) = (bank.len(), opts.loop_opts.seed);
+            let grid = [0.2f32, 0.4, 0.6, 0.8, 1.0];
+            use merges::Merge;
+            details = match peer {
+                Method::Lorahub | Method::LorahubCompat => peers::lorahub(
+                    &mut model,
+                    &paths,
+                    n,
+                    &train_enc,
+                    pad,
+                    classes,
+                    opts.lorahub_generations,
+                    seed,
+                    peer == Method::LorahubCompat,
+                )?,
+                Method::BestSingle => peers::best_single(&mut model, &paths, n, &train_enc, pad, classes)?,
+                Method::TaskArithmetic => peers::dense_merge(
+                    &mut model,
+                    &paths,
+                    Merge::TaskArithmetic,
+                    &grid,
+                    &train_enc,
+                    pad,
+                    classes,
+                    seed,
+                )?,
+                Method::Ties => peers::dense_merge(
+                    &mut model,
+                    &paths,
+                    Merge::Ties { density: opts.density },
+                    &grid,
+                    &train_enc,
+                    pad,
+                    classes,
+                    seed,
+                )?,
+                Method::Dare => peers::dense_merge(
+                    &mut model,
+                    &paths,
+                    Merge::DareLinear { p: opts.drop_p },
+                    &grid,
+                    &train_enc,
+                    pad,
+                    classes,
+                    seed,
+                )?,
+                Method::DareTies => peers::dense_merge(
+                    &mut model,
+                    &paths,
+                    Merge::DareTies { p: opts.drop_p, density: opts.density },
+                    &grid,
+                    &train_enc,
+                    pad,
+                    classes,
+                    seed,
+                )?,
+                Method::MagnitudePrune => peers::dense_merge(
+                    &mut model,
+                    &paths,
+                    Merge::MagnitudePrune { density: opts.density },
+                    &grid,
+                    &train_enc,
+                    pad,
+                    classes,
+                    seed,
+                )?,
+                _ => unreachable!(),
+            };
+            paths
+        }
     };
     let mut trainable_params: usize = model.trainable_params_mut().iter().map(|(_, p)| p.len()).sum();
     if opts.global_weights && opts.method == Method::Learned {
         // one vector shared by every layer counts once
         trainable_params -= bank.len() * adapted.len().saturating_sub(1);
     }
-    let train_enc = encode_all(tok, train)?;
-    let t0 = Instant::now();
     let losses = if opts.method.frozen_encoder() {
         let feats = features(&mut model, &train_enc, pad, opts.eval_batch)?;
         let labels: Vec<usize> = train_enc.iter().map(|e| e.label).collect();
@@ -185,5 +312,7 @@ pub fn adapt(
         train_seconds,
         final_loss: losses.last().copied().unwrap_or(f32::NAN),
         weights,
+        used_modules,
+        details,
     })
 }

@@ -369,6 +369,11 @@ impl Bert {
         Ok(&self.ws.hs[nl])
     }
 
+    /// The input of layer `l` (its attention projections' input) in the most recent forward pass.
+    pub fn layer_input(&self, l: usize) -> &[f32] {
+        &self.ws.hs[l]
+    }
+
     /// The last hidden state of the most recent forward pass.
     pub fn last_hidden(&self) -> &[f32] {
         &self.ws.hs[self.layers.len()]
