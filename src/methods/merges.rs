@@ -126,8 +126,8 @@ mod tests {
         assert_eq!(ties_merge(&vs), vec![2.0, -4.0, 0.0]);
         // full TIES with trimming at density 2/3 and λ = 0.5
         let m = Merge::Ties { density: 2.0 / 3.0 }.apply(&[vec![1.0, -4.0, 0.1], vec![3.0, 1.0, 0.2]], 0.5, 0);
-        // trimmed: [1, -4, 0], [3, 1, 0.2]; signs: +, -, + → [2, -4, 0.2] · 0.5
-        assert_eq!(m, vec![1.0, -2.0, 0.1]);
+        // trimmed (2 of 3 kept): [1, -4, 0], [3, 1, 0]; signs: +, -, (none) → [2, -4, 0] · 0.5
+        assert_eq!(m, vec![1.0, -2.0, 0.0]);
     }
 
     #[test]
