@@ -120,6 +120,71 @@ fn train_adapt_eval_round_trip() {
         assert_eq!(again.status.code(), Some(1));
         assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
     }
+    // the same seed and thread count give bit-identical results
+    let rerun = |out: &str| {
+        run(&[
+            "--threads",
+            "2",
+            "adapt",
+            "--model",
+            m,
+            "--task",
+            d.join("down").to_str().unwrap(),
+            "--shots",
+            "2",
+            "--seed",
+            "5",
+            "--method",
+            "learned",
+            "--bank",
+            up.to_str().unwrap(),
+            "--out",
+            d.join(out).to_str().unwrap(),
+            "--steps",
+            "5",
+        ])
+    };
+    let (r1, r2) = (rerun("det1"), rerun("det2"));
+    for k in ["accuracy", "macro_f1", "final_loss", "module_weights"] {
+        assert_eq!(r1[k], r2[k], "{k} differs between identical runs");
+    }
+    // an adapter made for another base model is refused unless --allow-base-mismatch
+    let cfgp = up.join("adapter_config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&cfgp).unwrap()).unwrap();
+    v["base_model_name_or_path"] = "bert-base-uncased".into();
+    std::fs::write(&cfgp, v.to_string()).unwrap();
+    let args = |out: &str| {
+        vec![
+            "adapt".to_string(),
+            "--model".into(),
+            m.into(),
+            "--task".into(),
+            d.join("down").display().to_string(),
+            "--shots".into(),
+            "2".into(),
+            "--method".into(),
+            "uniform".into(),
+            "--bank".into(),
+            up.display().to_string(),
+            "--out".into(),
+            d.join(out).display().to_string(),
+            "--steps".into(),
+            "2".into(),
+        ]
+    };
+    let o = common::bin().args(args("mismatch")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("base_model_name_or_path")
+            && err.contains("bert-base-uncased")
+            && err.contains("adapter_config.json"),
+        "{err}"
+    );
+    assert!(!d.join("mismatch").exists(), "no output left behind");
+    let o = common::bin().args(args("mismatch")).arg("--allow-base-mismatch").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
     // a label missing from labels.txt is named with file and line
     std::fs::write(d.join("down/test.jsonl"), "{\"text\": \"x\", \"label\": \"plants\"}\n").unwrap();
     let out = common::bin()

@@ -37,8 +37,14 @@ fn opts_from(args: &TrainArgs, method: Method) -> AdaptOpts {
     o
 }
 
-fn load_bank(dirs: &[PathBuf]) -> Result<Vec<Adapter>> {
-    dirs.iter().map(|d| Adapter::load(d)).collect()
+fn load_bank(dirs: &[PathBuf], model: &Path, allow_mismatch: bool) -> Result<Vec<Adapter>> {
+    dirs.iter()
+        .map(|d| {
+            let a = Adapter::load(d)?;
+            crate::lora::peft::check_base(&a, model, allow_mismatch)?;
+            Ok(a)
+        })
+        .collect()
 }
 
 /// Shortfall of few-shot sampling as JSON, with a warning on stderr.
@@ -188,7 +194,7 @@ pub struct AdaptCli {
 pub fn adapt(args: &TrainArgs, a: AdaptCli) -> Result<Value> {
     check_out(&a.out, "metrics.json", args.force)?;
     let task = Task::open(&args.task)?;
-    let bank = load_bank(&a.bank)?;
+    let bank = load_bank(&a.bank, &args.model, args.allow_base_mismatch)?;
     let enc = HfEncoder::load(&args.model, args.max_len)?;
     let pool = task.split("train")?;
     let test = task.split("test")?;
@@ -302,7 +308,7 @@ pub fn compose(
     force: bool,
 ) -> Result<Value> {
     check_out(out, crate::lora::peft::CONFIG_FILE, force)?;
-    let bank = load_bank(bank_dirs)?;
+    let bank = load_bank(bank_dirs, model_dir, false)?;
     let n = bank.len();
     let w: Vec<f32> = if weights.is_empty() { vec![1.0 / n as f32; n] } else { weights.to_vec() };
     if w.len() != n {

@@ -77,6 +77,9 @@ pub struct TrainArgs {
     /// Replace existing results in the output directory.
     #[arg(long)]
     pub force: bool,
+    /// Accept bank adapters whose base_model_name_or_path names another model (shapes are still checked).
+    #[arg(long)]
+    pub allow_base_mismatch: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -338,6 +338,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
                 pooling: Pooling::Mean,
                 max_len: cfg.adapt.max_len,
                 force: true,
+                allow_base_mismatch: false,
             };
             let m =
                 commands::train(&args, &dir, cfg.bank.rank, cfg.bank.alpha, &cfg.bank.targets, cfg.bank.epochs, None)?;

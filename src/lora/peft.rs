@@ -337,3 +337,35 @@ pub fn write_adapter(
     crate::util::write_atomic(&dir.join(LORACOMP_FILE), serde_json::to_string_pretty(meta)?.as_bytes())?;
     Ok(())
 }
+
+/// Last path component of a model name or path, lower-cased (`sentence-transformers/all-MiniLM-L6-v2` and
+/// `models/all-MiniLM-L6-v2/` both give `all-minilm-l6-v2`).
+fn base_name(s: &str) -> String {
+    s.trim_end_matches('/').rsplit('/').next().unwrap_or(s).to_lowercase()
+}
+
+/// Refuse an adapter whose `base_model_name_or_path` names another model than `model_dir` (by its folder name
+/// or its config's `_name_or_path`), unless `allow`. Adapters that record no base are accepted; shapes are
+/// checked separately when the bank is attached.
+pub fn check_base(adapter: &Adapter, model_dir: &Path, allow: bool) -> Result<()> {
+    let Some(base) = adapter.config.base_model_name_or_path.as_deref().filter(|b| !b.is_empty()) else {
+        return Ok(());
+    };
+    let mut names = vec![base_name(&model_dir.canonicalize().unwrap_or(model_dir.to_path_buf()).to_string_lossy())];
+    names.push(base_name(&model_dir.to_string_lossy()));
+    if let Ok(text) = std::fs::read_to_string(model_dir.join("config.json")) {
+        if let Some(n) =
+            serde_json::from_str::<Value>(&text).ok().and_then(|v| v.get("_name_or_path")?.as_str().map(base_name))
+        {
+            names.push(n);
+        }
+    }
+    if allow || names.contains(&base_name(base)) {
+        return Ok(());
+    }
+    bail!(
+        "{}: field 'base_model_name_or_path' is '{base}', but the model is {}; pass --allow-base-mismatch if the weights are the same",
+        adapter.dir.join(CONFIG_FILE).display(),
+        model_dir.display()
+    )
+}
