@@ -223,57 +223,17 @@ pub fn adapt(
                     peer == Method::LorahubCompat,
                 )?,
                 Method::BestSingle => peers::best_single(&mut model, &paths, n, &train_enc, pad, classes)?,
-                Method::TaskArithmetic => peers::dense_merge(
-                    &mut model,
-                    &paths,
-                    Merge::TaskArithmetic,
-                    &grid,
-                    &train_enc,
-                    pad,
-                    classes,
-                    seed,
-                )?,
-                Method::Ties => peers::dense_merge(
-                    &mut model,
-                    &paths,
-                    Merge::Ties { density: opts.density },
-                    &grid,
-                    &train_enc,
-                    pad,
-                    classes,
-                    seed,
-                )?,
-                Method::Dare => peers::dense_merge(
-                    &mut model,
-                    &paths,
-                    Merge::DareLinear { p: opts.drop_p },
-                    &grid,
-                    &train_enc,
-                    pad,
-                    classes,
-                    seed,
-                )?,
-                Method::DareTies => peers::dense_merge(
-                    &mut model,
-                    &paths,
-                    Merge::DareTies { p: opts.drop_p, density: opts.density },
-                    &grid,
-                    &train_enc,
-                    pad,
-                    classes,
-                    seed,
-                )?,
-                Method::MagnitudePrune => peers::dense_merge(
-                    &mut model,
-                    &paths,
-                    Merge::MagnitudePrune { density: opts.density },
-                    &grid,
-                    &train_enc,
-                    pad,
-                    classes,
-                    seed,
-                )?,
-                _ => unreachable!(),
+                dense => {
+                    let merge = match dense {
+                        Method::TaskArithmetic => Merge::TaskArithmetic,
+                        Method::Ties => Merge::Ties { density: opts.density },
+                        Method::Dare => Merge::DareLinear { p: opts.drop_p },
+                        Method::DareTies => Merge::DareTies { p: opts.drop_p, density: opts.density },
+                        Method::MagnitudePrune => Merge::MagnitudePrune { density: opts.density },
+                        _ => unreachable!("every other method is matched above"),
+                    };
+                    peers::dense_merge(&mut model, &paths, merge, &grid, &train_enc, pad, classes, seed)?
+                }
             };
             paths
         }
