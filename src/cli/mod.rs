@@ -394,15 +394,29 @@ pub fn run(cli: Cli) -> Result<()> {
                 bench::BenchOpts { workloads, modes, n_adapters: n, warmup, iters, batch, seq }
             };
             if !json {
-                eprintln!("workload  mode      N    median ms   min ms   (threads {})", rayon::current_num_threads());
+                eprintln!(
+                    "workload  mode      N    median ms   min ms   GFLOP/s  floor ms  ×floor  peak MiB  (threads {})",
+                    rayon::current_num_threads()
+                );
             }
             bench::run(&opts, |r| {
+                // a closed pipe (`| head`) ends the output, not the process with a panic
+                let mut out = std::io::stdout().lock();
                 if json {
-                    println!("{}", serde_json::to_string(r).unwrap());
+                    let _ = writeln!(out, "{}", serde_json::to_string(r).unwrap());
                 } else {
-                    println!(
-                        "{:<9} {:<8} {:>4} {:>10.2} {:>8.2}",
-                        r.workload, r.mode, r.n_adapters, r.median_ms, r.min_ms
+                    let _ = writeln!(
+                        out,
+                        "{:<9} {:<8} {:>4} {:>10.2} {:>8.2} {:>9.1} {:>9.2} {:>7.2} {:>9.0}",
+                        r.workload,
+                        r.mode,
+                        r.n_adapters,
+                        r.median_ms,
+                        r.min_ms,
+                        r.gflops,
+                        r.gemm_floor_ms,
+                        r.ratio_to_floor,
+                        r.peak_rss_mb
                     );
                 }
             })?;

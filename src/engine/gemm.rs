@@ -5,6 +5,72 @@
 //! SIMD kernel the CPU offers at run time (AVX-512 with the `x86-v4` feature) and splits work across rayon
 //! threads when the product is large enough to pay for it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// Shapes of the products issued while recording (for the benchmark's GEMM floor).
+static RECORDING: AtomicBool = AtomicBool::new(false);
+static CALLS: Mutex<Vec<GemmCall>> = Mutex::new(Vec::new());
+
+/// One recorded product: `[m, k] × [k, n]`, and whether it ran multi-threaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmCall {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub ta: Trans,
+    pub tb: Trans,
+    pub parallel: bool,
+}
+
+/// Start recording every product's shape (off by default; costs one atomic load per call).
+pub fn start_recording() {
+    CALLS.lock().unwrap().clear();
+    RECORDING.store(true, Ordering::SeqCst);
+}
+
+/// Stop recording and return the shapes seen since [`start_recording`].
+pub fn stop_recording() -> Vec<GemmCall> {
+    RECORDING.store(false, Ordering::SeqCst);
+    std::mem::take(&mut *CALLS.lock().unwrap())
+}
+
+fn record(c: GemmCall) {
+    if RECORDING.load(Ordering::Relaxed) {
+        CALLS.lock().unwrap().push(c);
+    }
+}
+
+/// Seconds the given products take alone, each timed on its own buffers (best of `reps` runs): the floor a
+/// step made of these products cannot go below.
+pub fn replay(calls: &[GemmCall], reps: usize) -> f64 {
+    let mut total = 0.0;
+    let mut cache: std::collections::HashMap<(usize, usize, usize, bool, bool, bool), f64> = Default::default();
+    for c in calls {
+        let key = (c.m, c.n, c.k, c.ta == Trans::T, c.tb == Trans::T, c.parallel);
+        let t = *cache.entry(key).or_insert_with(|| {
+            let a = vec![0.5f32; c.m * c.k];
+            let b = vec![0.25f32; c.k * c.n];
+            let mut d = vec![0.0f32; c.m * c.n];
+            let mut best = f64::MAX;
+            for _ in 0..reps.max(1) {
+                let t0 = std::time::Instant::now();
+                if c.parallel {
+                    matmul(c.m, c.n, c.k, 1.0, &a, c.ta, &b, c.tb, 0.0, &mut d);
+                } else {
+                    let (ars, acs) = if c.ta == Trans::N { (c.k, 1) } else { (1, c.m) };
+                    let (brs, bcs) = if c.tb == Trans::N { (c.n, 1) } else { (1, c.k) };
+                    matmul_strided(c.m, c.n, c.k, 1.0, &a, ars, acs, &b, brs, bcs, 0.0, &mut d, c.n);
+                }
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            best
+        });
+        total += t;
+    }
+    total
+}
+
 /// Whether an operand is used as stored or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Trans {
@@ -53,11 +119,9 @@ pub fn matmul(
         Trans::T => (1isize, k as isize),
     };
     let flops = 2.0 * m as f64 * n as f64 * k as f64;
-    let par = if flops > 2.0e5 && rayon::current_num_threads() > 1 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parallel = flops > 2.0e5 && rayon::current_num_threads() > 1;
+    record(GemmCall { m, n, k, ta, tb, parallel: true });
+    let par = if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
     // SAFETY: the asserts above guarantee every index the kernel touches lies inside the slices:
     // op(A) spans m·k elements, op(B) k·n and C m·n, with the strides derived from those shapes.
     unsafe {
@@ -115,6 +179,9 @@ pub fn matmul_strided(
     assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len(), "matmul_strided: B out of bounds");
     assert!((m - 1) * c_rs + n <= c.len(), "matmul_strided: C out of bounds");
     assert!(c_rs >= n, "matmul_strided: C rows overlap");
+    let ta = if a_cs == 1 { Trans::N } else { Trans::T };
+    let tb = if b_cs == 1 { Trans::N } else { Trans::T };
+    record(GemmCall { m, n, k, ta, tb, parallel: false });
     // SAFETY: the asserts bound the largest index the kernel reads or writes in each operand.
     unsafe {
         gemm::gemm(

@@ -31,6 +31,12 @@ pub struct BenchResult {
     pub median_ms: f64,
     pub min_ms: f64,
     pub peak_rss_mb: f64,
+    /// Matrix-product GFLOP of one step and the rate achieved over the whole step.
+    pub step_gflop: f64,
+    pub gflops: f64,
+    /// The step's products timed alone (the GEMM floor) and the step's median over it.
+    pub gemm_floor_ms: f64,
+    pub ratio_to_floor: f64,
 }
 
 /// Benchmark settings.
@@ -166,6 +172,17 @@ pub fn run(opts: &BenchOpts, mut report: impl FnMut(&BenchResult)) -> Result<Vec
                     }
                 }
                 times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                crate::engine::gemm::start_recording();
+                if mode == "forward" {
+                    m.forward(&batch)?;
+                } else {
+                    let it = (opts.warmup + opts.iters) as u64 + 1;
+                    train_step(&mut m, &batch, &labels, &opt, it, &|_| opt.lr, None)?;
+                }
+                let calls = crate::engine::gemm::stop_recording();
+                let flop: f64 = calls.iter().map(|c| crate::engine::gemm::matmul_flops(c.m, c.n, c.k)).sum();
+                let floor_ms = crate::engine::gemm::replay(&calls, 3) * 1e3;
+                let median = times[times.len() / 2];
                 let r = BenchResult {
                     implementation: "loracomp".into(),
                     workload: w.clone(),
@@ -175,9 +192,13 @@ pub fn run(opts: &BenchOpts, mut report: impl FnMut(&BenchResult)) -> Result<Vec
                     seq: opts.seq,
                     threads: rayon::current_num_threads(),
                     dtype: "f32".into(),
-                    median_ms: times[times.len() / 2],
+                    median_ms: median,
                     min_ms: times[0],
                     peak_rss_mb: peak_rss_mb(),
+                    step_gflop: flop / 1e9,
+                    gflops: flop / 1e9 / (median / 1e3),
+                    gemm_floor_ms: floor_ms,
+                    ratio_to_floor: median / floor_ms.max(1e-9),
                 };
                 report(&r);
                 out.push(r);
