@@ -205,6 +205,23 @@ pub enum Cmd {
         #[arg(long, default_value_t = 32)]
         batch: usize,
     },
+    /// One forward pass on transformers-style inputs (JSON: input_ids, attention_mask, token_type_ids,
+    /// pixel_values, decoder_input_ids); prints {"shape": [...], "data": [...]}: the last hidden state of
+    /// encoders, the logits of generative models. For checking loracomp against Python.
+    Forward {
+        /// Hugging Face model directory (config.json, model.safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT LoRA adapter directories, applied together with weight 1 each.
+        #[arg(long)]
+        adapter: Vec<PathBuf>,
+        /// JSON file with the forward arguments.
+        #[arg(long)]
+        input: PathBuf,
+        /// Apply adapters whose base_model_name_or_path names another model.
+        #[arg(long)]
+        allow_base_mismatch: bool,
+    },
     /// Run (or resume) an experiment sweep from a TOML config: bank, few-shot cells, report, plots, manifest.
     Sweep {
         #[arg(long)]
@@ -297,6 +314,14 @@ pub fn run(cli: Cli) -> Result<()> {
                 serde_json::to_writer(&mut out, &EmbedLine { text: t, embedding: &e })?;
                 out.write_all(b"\n")?;
             }
+            out.flush()?;
+        }
+        Cmd::Forward { model, adapter, input, allow_base_mismatch } => {
+            let t = crate::models::forward::run(&model, &adapter, &input, allow_base_mismatch)?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            serde_json::to_writer(&mut out, &t)?;
+            out.write_all(b"\n")?;
             out.flush()?;
         }
         Cmd::Train { args, out, rank, alpha, targets, epochs, shots } => {

@@ -1,4 +1,5 @@
-//! LoRA: the bank linear layer and PEFT adapter input/output.
+//! LoRA: the bank linear layer, PEFT adapter input/output, and the trait models implement to carry banks.
 
 pub mod bank;
+pub mod host;
 pub mod peft;

@@ -1,7 +1,8 @@
 //! Attaching a bank of PEFT adapters to a model's linear layers.
 
 use crate::engine::param::Param;
-use crate::lora::bank::{Composition, FreshLora, LoraModule};
+use crate::lora::bank::{Composition, FreshLora};
+use crate::lora::host::attach_adapters;
 use crate::lora::peft::Adapter;
 use crate::models::classifier::Classifier;
 use anyhow::{bail, Result};
@@ -13,51 +14,9 @@ use rand::{Rng, SeedableRng};
 pub fn attach_bank(
     model: &mut Classifier,
     bank: &[Adapter],
-    mut comp: impl FnMut(&str, usize) -> Composition,
+    comp: impl FnMut(&str, usize) -> Composition,
 ) -> Result<Vec<String>> {
-    let paths = model.bert.linear_paths();
-    for a in bank {
-        for m in a.modules.keys() {
-            if !paths.contains(m) {
-                bail!(
-                    "{}: adapter targets module '{m}', which this model does not have (it has {} layers)",
-                    a.dir.display(),
-                    model.bert.layers.len()
-                );
-            }
-        }
-    }
-    let mut used = Vec::new();
-    for path in paths {
-        if !bank.iter().any(|a| a.modules.contains_key(&path)) {
-            continue;
-        }
-        let lin = model.bert.linear_mut(&path).unwrap();
-        let mut mods = Vec::new();
-        for a in bank {
-            match a.modules.get(&path) {
-                Some(m) => {
-                    if m.din != lin.din || m.dout != lin.dout {
-                        bail!(
-                            "{}: module '{path}' is [{} → {}] but the model's layer is [{} → {}]; the adapter was made for another base model",
-                            a.dir.display(),
-                            m.din,
-                            m.dout,
-                            lin.din,
-                            lin.dout
-                        );
-                    }
-                    mods.push(LoraModule { a: m.a.clone(), b: m.b.clone(), r: m.r, scale: m.scale });
-                }
-                None => mods.push(LoraModule { a: Vec::new(), b: Vec::new(), r: 0, scale: 0.0 }),
-            }
-        }
-        let n = mods.len();
-        lin.set_bank(mods);
-        lin.comp = comp(&path, n);
-        used.push(path);
-    }
-    Ok(used)
+    attach_adapters(&mut model.bert, bank, comp)
 }
 
 /// Uniform weights 1/N.

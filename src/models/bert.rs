@@ -569,3 +569,15 @@ impl Bert {
         m
     }
 }
+
+impl crate::lora::host::LinearHost for Bert {
+    fn linear_paths(&self) -> Vec<String> {
+        Bert::linear_paths(self)
+    }
+    fn linear_mut(&mut self, path: &str) -> Option<&mut BankLinear> {
+        Bert::linear_mut(self, path)
+    }
+    fn describe(&self) -> String {
+        format!("BERT encoder with {} layers", self.layers.len())
+    }
+}

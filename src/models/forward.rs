@@ -1,0 +1,193 @@
+//! `loracomp forward`: one forward pass of any supported architecture on inputs given as transformers'
+//! forward arguments, for users checking loracomp against Python.
+//!
+//! The input file is one JSON object whose fields are named as transformers' `forward` arguments:
+//! `input_ids` and `attention_mask` (`[batch][seq]` integers), `token_type_ids`, `pixel_values`
+//! (`[batch][channels][height][width]` floats), `decoder_input_ids`. The output is the last hidden state for
+//! encoders (BERT, ViT) and the logits for generative models, as `{"shape": [...], "data": [...]}` (row-major).
+
+use crate::lora::bank::Composition;
+use crate::lora::host::{attach_adapters, LinearHost};
+use crate::lora::peft::{check_base, Adapter};
+use anyhow::{anyhow, bail, Result};
+use serde::Serialize;
+use serde_json::Value;
+use std::path::Path;
+
+/// A dense tensor as `forward` prints it.
+#[derive(Clone, Debug, Serialize)]
+pub struct TensorOut {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// The forward arguments read from the input file.
+pub struct ForwardInput {
+    pub path: std::path::PathBuf,
+    pub fields: serde_json::Map<String, Value>,
+}
+
+impl ForwardInput {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))?;
+        let Value::Object(fields) = v else {
+            bail!("{}: expected one JSON object of forward arguments (input_ids, attention_mask, …)", path.display());
+        };
+        Ok(ForwardInput { path: path.to_path_buf(), fields })
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.fields.get(key).is_some_and(|v| !v.is_null())
+    }
+
+    /// A `[batch][seq]` integer matrix, as (rows, cols, row-major data).
+    pub fn ints2(&self, key: &str) -> Result<(usize, usize, Vec<i64>)> {
+        let p = self.path.display();
+        let v = self.fields.get(key).ok_or_else(|| anyhow!("{p}: field '{key}' is missing"))?;
+        let rows = v.as_array().ok_or_else(|| anyhow!("{p}: field '{key}' must be a list of lists of integers"))?;
+        if rows.is_empty() {
+            bail!("{p}: field '{key}' is empty");
+        }
+        let mut out = Vec::new();
+        let mut cols = None;
+        for (i, r) in rows.iter().enumerate() {
+            let r = r.as_array().ok_or_else(|| anyhow!("{p}: field '{key}'[{i}] must be a list of integers"))?;
+            if *cols.get_or_insert(r.len()) != r.len() {
+                bail!("{p}: field '{key}': row {i} has {} entries, row 0 has {}", r.len(), cols.unwrap());
+            }
+            for (j, x) in r.iter().enumerate() {
+                out.push(x.as_i64().ok_or_else(|| anyhow!("{p}: field '{key}'[{i}][{j}] is not an integer"))?);
+            }
+        }
+        let cols = cols.unwrap_or(0);
+        if cols == 0 {
+            bail!("{p}: field '{key}' has empty rows");
+        }
+        Ok((rows.len(), cols, out))
+    }
+
+    /// A float tensor of any rank, as (shape, row-major data).
+    pub fn floats(&self, key: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let p = self.path.display();
+        let v = self.fields.get(key).ok_or_else(|| anyhow!("{p}: field '{key}' is missing"))?;
+        let mut shape = Vec::new();
+        let mut cur = v;
+        while let Value::Array(a) = cur {
+            shape.push(a.len());
+            match a.first() {
+                Some(x) => cur = x,
+                None => break,
+            }
+        }
+        let mut data = Vec::new();
+        fn walk(v: &Value, depth: usize, shape: &[usize], out: &mut Vec<f32>, key: &str, p: &str) -> Result<()> {
+            if depth == shape.len() {
+                let x = v.as_f64().ok_or_else(|| anyhow!("{p}: field '{key}' holds a non-number"))?;
+                out.push(x as f32);
+                return Ok(());
+            }
+            let a = v.as_array().ok_or_else(|| anyhow!("{p}: field '{key}' is ragged (not a rectangular tensor)"))?;
+            if a.len() != shape[depth] {
+                bail!(
+                    "{p}: field '{key}' is ragged at depth {depth}: {} entries where {} expected",
+                    a.len(),
+                    shape[depth]
+                );
+            }
+            a.iter().try_for_each(|x| walk(x, depth + 1, shape, out, key, p))
+        }
+        walk(v, 0, &shape, &mut data, key, &p.to_string())?;
+        Ok((shape, data))
+    }
+}
+
+/// `model_type` from a model directory's config.json.
+pub fn model_type(model_dir: &Path) -> Result<String> {
+    let path = model_dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))?;
+    Ok(v.get("model_type").and_then(|t| t.as_str()).unwrap_or("bert").to_string())
+}
+
+/// Load each adapter, check it was made for this base (unless allowed), and put them all on `host` with weight 1
+/// each (the sum of their ΔW, as PEFT computes with several adapters active).
+pub fn attach_all(
+    host: &mut dyn LinearHost,
+    adapters: &[std::path::PathBuf],
+    model_dir: &Path,
+    allow: bool,
+) -> Result<()> {
+    if adapters.is_empty() {
+        return Ok(());
+    }
+    let bank: Vec<Adapter> = adapters
+        .iter()
+        .map(|d| {
+            let a = Adapter::load(d)?;
+            check_base(&a, model_dir, allow)?;
+            Ok(a)
+        })
+        .collect::<Result<_>>()?;
+    attach_adapters(host, &bank, |_, n| Composition::Fixed(vec![1.0; n]))?;
+    Ok(())
+}
+
+/// Run the forward pass the model directory's architecture defines.
+pub fn run(model_dir: &Path, adapters: &[std::path::PathBuf], input: &Path, allow_mismatch: bool) -> Result<TensorOut> {
+    let inp = ForwardInput::load(input)?;
+    let mt = model_type(model_dir)?;
+    match mt.as_str() {
+        "bert" => bert_forward(model_dir, adapters, &inp, allow_mismatch),
+        other => bail!(
+            "{}: key 'model_type': '{other}' is not supported (supported: bert)",
+            model_dir.join("config.json").display()
+        ),
+    }
+}
+
+fn bert_forward(
+    model_dir: &Path,
+    adapters: &[std::path::PathBuf],
+    inp: &ForwardInput,
+    allow: bool,
+) -> Result<TensorOut> {
+    use super::bert::{Batch, Bert};
+    let mut bert = Bert::load(model_dir)?;
+    attach_all(&mut bert, adapters, model_dir, allow)?;
+    let p = inp.path.display();
+    let (b, s, ids) = inp.ints2("input_ids")?;
+    let vocab = bert.cfg.vocab_size as i64;
+    if let Some(x) = ids.iter().find(|&&x| x < 0 || x >= vocab) {
+        bail!("{p}: field 'input_ids' holds {x}, outside the vocabulary [0, {vocab})");
+    }
+    if s > bert.cfg.max_position_embeddings {
+        bail!("{p}: field 'input_ids' has {s} positions; the model has {}", bert.cfg.max_position_embeddings);
+    }
+    let mask = if inp.has("attention_mask") {
+        let (mb, ms, m) = inp.ints2("attention_mask")?;
+        if (mb, ms) != (b, s) {
+            bail!("{p}: field 'attention_mask' is [{mb}, {ms}] but 'input_ids' is [{b}, {s}]");
+        }
+        m.iter().map(|&x| x as f32).collect()
+    } else {
+        vec![1.0; b * s]
+    };
+    let types = if inp.has("token_type_ids") {
+        let (tb, ts, t) = inp.ints2("token_type_ids")?;
+        if (tb, ts) != (b, s) {
+            bail!("{p}: field 'token_type_ids' is [{tb}, {ts}] but 'input_ids' is [{b}, {s}]");
+        }
+        let tv = bert.cfg.type_vocab_size as i64;
+        if let Some(x) = t.iter().find(|&&x| x < 0 || x >= tv) {
+            bail!("{p}: field 'token_type_ids' holds {x}, outside [0, {tv})");
+        }
+        t.iter().map(|&x| x as u32).collect()
+    } else {
+        vec![0; b * s]
+    };
+    let batch = Batch { batch: b, seq: s, ids: ids.iter().map(|&x| x as u32).collect(), types, mask };
+    let d = bert.hidden();
+    let h = bert.forward(&batch)?;
+    Ok(TensorOut { shape: vec![b, s, d], data: h.to_vec() })
+}

@@ -1,0 +1,54 @@
+//! `loracomp forward` against the Python goldens, and its bad-input errors.
+
+use serde_json::Value;
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_loracomp"))
+}
+
+fn fixture(p: &str) -> String {
+    format!("{}/tests/fixtures/{p}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn forward_bert_matches_transformers() {
+    let out = bin()
+        .args(["forward", "--model", &fixture("tiny-bert"), "--input", &fixture("tiny-bert/golden.json")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gold: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-bert/golden.json")).unwrap()).unwrap();
+    let g = &gold["last_hidden_state"];
+    assert_eq!(got["shape"], g["shape"]);
+    let (a, b) = (got["data"].as_array().unwrap(), g["data"].as_array().unwrap());
+    assert_eq!(a.len(), b.len());
+    let max = a.iter().zip(b).map(|(x, y)| (x.as_f64().unwrap() - y.as_f64().unwrap()).abs()).fold(0.0, f64::max);
+    assert!(max <= 1e-4, "max abs diff {max}");
+}
+
+#[test]
+fn forward_bad_inputs_name_the_field() {
+    let dir = std::env::temp_dir().join(format!("loracomp-fwd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (r#"{"attention_mask": [[1, 1]]}"#, "field 'input_ids' is missing"),
+        (r#"{"input_ids": [[1, 2], [3]]}"#, "row 1 has 1 entries"),
+        (r#"{"input_ids": [[1, 99999]]}"#, "outside the vocabulary"),
+        (r#"{"input_ids": [[1, 2]], "attention_mask": [[1]]}"#, "field 'attention_mask' is [1, 1]"),
+        (r#"[1, 2]"#, "expected one JSON object"),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let p = dir.join(format!("in{i}.json"));
+        std::fs::write(&p, text).unwrap();
+        let out = bin().args(["forward", "--model", &fixture("tiny-bert"), "--input"]).arg(&p).output().unwrap();
+        assert!(!out.status.success(), "case {i} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "case {i}: '{err}' lacks '{want}'");
+        assert!(err.contains(&format!("in{i}.json")), "case {i}: error does not name the file: {err}");
+        assert!(out.stdout.is_empty());
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
