@@ -257,13 +257,20 @@ pub fn spearman(pairs: &[(f64, f64)]) -> f64 {
     cov / (va * vb).sqrt().max(1e-12)
 }
 
-const COLORS: [RGBColor; 6] = [
+/// Twelve distinguishable colours (the tab10 set, then two darker extras), so no two methods share a colour.
+const COLORS: [RGBColor; 12] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+    RGBColor(0, 0, 0),
+    RGBColor(0, 60, 120),
 ];
 
 fn e<E: std::fmt::Debug>(x: E) -> anyhow::Error {
@@ -335,24 +342,49 @@ fn line_plot(
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
             chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled()))).map_err(e)?;
         }
-        chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw().map_err(e)?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()
+            .map_err(e)?;
     });
     Ok(())
+}
+
+/// Names without the prefix they all share up to a '-' or '_' (e.g. `clinc-`), for axis labels.
+fn strip_common_prefix(names: &[String]) -> Vec<String> {
+    let Some(first) = names.first() else { return Vec::new() };
+    let mut cut = 0;
+    for (i, ch) in first.char_indices() {
+        if !names.iter().all(|n| n.get(..=i) == first.get(..=i)) {
+            break;
+        }
+        if ch == '-' || ch == '_' {
+            cut = i + 1;
+        }
+    }
+    if names.len() < 2 {
+        cut = 0;
+    }
+    names.iter().map(|n| n[cut..].to_string()).collect()
 }
 
 fn heatmap(dir: &Path, c: &Cell) -> Result<()> {
     let rows: Vec<(&String, &Vec<f32>)> = c.weights.iter().collect();
     let nm = c.modules.len();
     let maxw = rows.iter().flat_map(|r| r.1.iter()).cloned().fold(0.0f32, f32::max).max(1e-6);
-    let h = 120 + 28 * rows.len() as u32;
+    let h = 190 + 28 * rows.len() as u32;
+    let short = strip_common_prefix(&c.modules);
     render!(dir, "heatmap_weights", (260 + 60 * nm as u32, h), |root| {
         root.fill(&WHITE).map_err(e)?;
         let mut chart = ChartBuilder::on(&root)
             .caption(format!("Learned weights: {} ({}-shot, seed {})", c.task, c.shots, c.seed), ("sans-serif", 16))
             .margin(10)
-            .x_label_area_size(90)
-            .y_label_area_size(170)
-            .build_cartesian_2d((0..nm).into_segmented(), (0..rows.len()).into_segmented())
+            .x_label_area_size(150)
+            .y_label_area_size(120)
+            .build_cartesian_2d((0..nm.max(1) - 1).into_segmented(), (0..rows.len().max(1) - 1).into_segmented())
             .map_err(e)?;
         let name_of = |v: &SegmentValue<usize>, f: &dyn Fn(usize) -> String| match v {
             SegmentValue::CenterOf(i) => f(*i),
@@ -363,7 +395,7 @@ fn heatmap(dir: &Path, c: &Cell) -> Result<()> {
             .disable_mesh()
             .x_labels(nm)
             .y_labels(rows.len())
-            .x_label_formatter(&|x| name_of(x, &|i| c.modules.get(i).cloned().unwrap_or_default()))
+            .x_label_formatter(&|_| String::new())
             .y_label_formatter(&|y| {
                 name_of(y, &|i| {
                     rows.get(i)
@@ -371,7 +403,6 @@ fn heatmap(dir: &Path, c: &Cell) -> Result<()> {
                         .unwrap_or_default()
                 })
             })
-            .x_label_style(("sans-serif", 11).into_font().transform(FontTransform::Rotate90))
             .draw()
             .map_err(e)?;
         chart
@@ -400,6 +431,13 @@ fn heatmap(dir: &Path, c: &Cell) -> Result<()> {
                 })
             }))
             .map_err(e)?;
+        // Module names under the columns, rotated, starting just below the axis (the mesh's own rotated
+        // labels are centred on the tick and run into the plot).
+        for (i, name) in short.iter().enumerate() {
+            let (px, py) = chart.backend_coord(&(SegmentValue::CenterOf(i), SegmentValue::Exact(0)));
+            let style = ("sans-serif", 12).into_font().transform(FontTransform::Rotate90);
+            root.draw(&Text::new(name.clone(), (px + 6, py + 6), style)).map_err(e)?;
+        }
     });
     Ok(())
 }
