@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate the tiny-Llama golden fixtures for loracomp from real `transformers` and `peft`.
 
-Outputs (under --out, default tests/fixtures/tiny-llama):
+Outputs (under --out, default tests/fixtures), in tiny-llama/:
   config.json, model.safetensors   random LlamaForCausalLM (seed 0): vocab 96, hidden 32, 2 layers,
                                    4 attention heads, 2 key/value heads (GQA), intermediate 40,
                                    rms_norm_eps 1e-6, rope_theta 10000, untied lm_head, no biases.
@@ -18,6 +18,10 @@ Outputs (under --out, default tests/fixtures/tiny-llama):
                   target q_proj, v_proj, down_proj, task_type CAUSAL_LM; lora_A and lora_B are
                   N(0,1)*0.3 (seed 10, B non-zero).
   peft_golden.json  PeftModel.from_pretrained(base, adapter) logits on the same batch.
+
+And tiny-llama-mqa-bias-tied/ (config.json, model.safetensors, golden.json as above, no adapter): seed 5,
+one layer, multi-query attention (1 key/value head), head_dim 16 (not hidden/heads), attention_bias and
+mlp_bias with N(0,1)*0.1 biases, tied embeddings (no lm_head.weight saved), rope_theta 500000, eps 1e-5.
 
 Everything is float32, CPU-only and seeded.
 """
@@ -75,38 +79,43 @@ def load_base(out_dir: Path):
     return m
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="tests/fixtures/tiny-llama")
-    args = ap.parse_args()
-    out = Path(args.out)
+BASE = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    mlp_bias=False,
+    initializer_range=0.2,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+# one layer, multi-query attention (1 kv head), head_dim 16 != hidden/heads, biases everywhere, tied head,
+# rope_theta 500000
+VARIANT = dict(BASE, num_hidden_layers=1, num_key_value_heads=1, head_dim=16, attention_bias=True, mlp_bias=True,
+               tie_word_embeddings=True, rope_theta=500000.0, rms_norm_eps=1e-5)
+
+
+def make_model(out: Path, kwargs: dict, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        initializer_range=0.2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
+    cfg = LlamaConfig(**kwargs)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
-        g = torch.Generator().manual_seed(1)
+        g = torch.Generator().manual_seed(seed + 1)
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.2)
+            elif name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     if out.exists():
         shutil.rmtree(out)
     model.save_pretrained(str(out), safe_serialization=True)
@@ -143,8 +152,10 @@ def main():
         out / "golden.json",
     )
     print(f"loss {loss:.6f}; rank scores {scores}")
+    return ids, mask, logits, valid
 
-    # PEFT adapter
+
+def make_adapter(out: Path, ids, mask, logits, valid):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
@@ -172,9 +183,36 @@ def main():
     dump_json({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "valid": valid.tolist(),
                "logits": block(pl)}, out / "peft_golden.json")
     print(f"peft logits differ from base by {diff:.3f}")
-    for p in sorted(out.rglob("*")):
-        if p.is_file():
-            print(f"  {p} {p.stat().st_size} bytes")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="tests/fixtures")
+    args = ap.parse_args()
+    root = Path(args.out)
+    out = root / "tiny-llama"
+    make_adapter(out, *make_model(out, BASE, 0))
+    var = root / "tiny-llama-mqa-bias-tied"
+    make_model(var, VARIANT, 5)
+    with safe_keys(var / "model.safetensors") as keys:
+        assert "lm_head.weight" not in keys, "a tied checkpoint stores no lm_head.weight"
+    for d in (out, var):
+        for p in sorted(d.rglob("*")):
+            if p.is_file():
+                print(f"  {p} {p.stat().st_size} bytes")
+
+
+class safe_keys:
+    def __init__(self, path):
+        from safetensors import safe_open
+
+        self.f = safe_open(str(path), "pt")
+
+    def __enter__(self):
+        return set(self.f.keys())
+
+    def __exit__(self, *a):
+        return False
 
 
 if __name__ == "__main__":
