@@ -62,8 +62,6 @@ pub struct LlamaConfig {
     pub hidden_act: String,
     #[serde(default)]
     pub model_type: Option<String>,
-    #[serde(default)]
-    pub pad_token_id: Option<Value>,
 }
 
 fn default_eps() -> f64 {
