@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod gemm;
 pub mod kernels;
+pub mod llama_ops;
 pub mod param;
 
 #[cfg(test)]

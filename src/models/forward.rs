@@ -139,8 +139,9 @@ pub fn run(model_dir: &Path, adapters: &[std::path::PathBuf], input: &Path, allo
     let mt = model_type(model_dir)?;
     match mt.as_str() {
         "bert" => bert_forward(model_dir, adapters, &inp, allow_mismatch),
+        "llama" => llama_forward(model_dir, adapters, &inp, allow_mismatch),
         other => bail!(
-            "{}: key 'model_type': '{other}' is not supported (supported: bert)",
+            "{}: key 'model_type': '{other}' is not supported (supported: bert, llama)",
             model_dir.join("config.json").display()
         ),
     }
@@ -190,4 +191,37 @@ fn bert_forward(
     let d = bert.hidden();
     let h = bert.forward(&batch)?;
     Ok(TensorOut { shape: vec![b, s, d], data: h.to_vec() })
+}
+
+/// Llama: logits `[batch, seq, vocab]` (positions `0..seq` in every row, as transformers without position_ids).
+fn llama_forward(
+    model_dir: &Path,
+    adapters: &[std::path::PathBuf],
+    inp: &ForwardInput,
+    allow: bool,
+) -> Result<TensorOut> {
+    use super::llama::{Llama, LmBatch};
+    let mut model = Llama::load(model_dir)?;
+    attach_all(&mut model, adapters, model_dir, allow)?;
+    let p = inp.path.display();
+    let (b, s, ids) = inp.ints2("input_ids")?;
+    let vocab = model.vocab() as i64;
+    if let Some(x) = ids.iter().find(|&&x| x < 0 || x >= vocab) {
+        bail!("{p}: field 'input_ids' holds {x}, outside the vocabulary [0, {vocab})");
+    }
+    let mask = if inp.has("attention_mask") {
+        let (mb, ms, m) = inp.ints2("attention_mask")?;
+        if (mb, ms) != (b, s) {
+            bail!("{p}: field 'attention_mask' is [{mb}, {ms}] but 'input_ids' is [{b}, {s}]");
+        }
+        if let Some(x) = m.iter().find(|&&x| x != 0 && x != 1) {
+            bail!("{p}: field 'attention_mask' holds {x}; expected 0 or 1");
+        }
+        m.iter().map(|&x| x as f32).collect()
+    } else {
+        vec![1.0; b * s]
+    };
+    let batch = LmBatch { batch: b, seq: s, ids: ids.iter().map(|&x| x as u32).collect(), mask };
+    let logits = model.forward(&batch)?;
+    Ok(TensorOut { shape: vec![b, s, vocab as usize], data: logits.to_vec() })
 }
