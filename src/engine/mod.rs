@@ -5,6 +5,7 @@ pub mod attention;
 pub mod gemm;
 pub mod kernels;
 pub mod param;
+pub mod t5_ops;
 
 #[cfg(test)]
 mod gradcheck;

@@ -5,5 +5,6 @@ pub mod classifier;
 pub mod config;
 pub mod forward;
 pub mod hf;
+pub mod t5;
 pub mod tokenize;
 pub mod weights;
