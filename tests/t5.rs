@@ -317,3 +317,63 @@ fn cross_entropy_ignores_minus_100_and_checks_labels() {
     assert!(seq_cross_entropy(&logits, &[-100, -100], 3, &mut d).is_err());
     assert!(seq_cross_entropy(&logits, &[3, 0], 3, &mut d).unwrap_err().to_string().contains("label 3"));
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// `loracomp forward` on T5.
+
+fn forward_cli(model: &str, adapters: &[&str], input: &std::path::Path) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_loracomp"));
+    cmd.args(["forward", "--model"]).arg(fixture(model));
+    for a in adapters {
+        cmd.arg("--adapter").arg(fixture(a));
+    }
+    cmd.arg("--input").arg(input).output().unwrap()
+}
+
+#[test]
+fn forward_command_prints_t5_logits() {
+    for (model, adapters, key) in [
+        ("tiny-t5", vec![], "logits"),
+        ("tiny-t5-gated", vec![], "logits"),
+        ("tiny-t5-gated", vec!["tiny-t5-gated/adapter_qv"], "peft_logits"),
+    ] {
+        let out = forward_cli(model, &adapters, &fixture(model).join("golden.json"));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let g = golden(model);
+        assert_eq!(got["shape"], g[key]["shape"]);
+        assert_eq!(got["shape"], serde_json::json!([2, 6, 64]));
+        let diff = max_diff(&floats(&got["data"]), &floats(&g[key]["data"]));
+        assert!(diff <= 1e-4, "{model} {adapters:?}: max abs diff {diff}");
+    }
+}
+
+#[test]
+fn forward_command_t5_bad_inputs_name_the_field() {
+    let dir = std::env::temp_dir().join(format!("loracomp-t5-fwd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (r#"{"input_ids": [[3, 4]]}"#, "field 'decoder_input_ids' is missing"),
+        (r#"{"input_ids": [[3, 4]], "decoder_input_ids": [[0], [0]]}"#, "'decoder_input_ids' has 2 rows"),
+        (r#"{"input_ids": [[3, 4]], "decoder_input_ids": [[0, 64]]}"#, "field 'decoder_input_ids' holds 64"),
+        (
+            r#"{"input_ids": [[3, 4]], "attention_mask": [[1, 1, 1]], "decoder_input_ids": [[0]]}"#,
+            "'attention_mask' is [1, 3]",
+        ),
+        (
+            r#"{"input_ids": [[3, 4]], "decoder_input_ids": [[0, 5]], "decoder_attention_mask": [[1, 2]]}"#,
+            "field 'decoder_attention_mask' holds 2",
+        ),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let p = dir.join(format!("t5in{i}.json"));
+        std::fs::write(&p, text).unwrap();
+        let out = forward_cli("tiny-t5", &[], &p);
+        assert!(!out.status.success(), "case {i} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "case {i}: '{err}' lacks '{want}'");
+        assert!(err.contains(&format!("t5in{i}.json")), "case {i}: error does not name the file: {err}");
+        assert!(out.stdout.is_empty());
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
