@@ -377,3 +377,78 @@ fn forward_command_t5_bad_inputs_name_the_field() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Timing at Flan-T5-small's shapes (random weights): one forward and one forward + backward of a rank-8
+/// fresh LoRA on every q and v. Run with `cargo test --release --test t5 -- --ignored --nocapture timing`.
+#[test]
+#[ignore]
+fn timing_flan_t5_small_shapes() {
+    let cfg: loracomp::models::t5::T5Config = serde_json::from_value(serde_json::json!({
+        "vocab_size": 32128, "d_model": 512, "d_kv": 64, "d_ff": 1024, "num_layers": 8, "num_decoder_layers": 8,
+        "num_heads": 6, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": false, "model_type": "t5"
+    }))
+    .unwrap();
+    let mut m = T5::random(cfg, 0).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let paths: Vec<String> = m.linear_paths().into_iter().filter(|p| p.ends_with(".q") || p.ends_with(".v")).collect();
+    for p in &paths {
+        let lin = m.linear_mut(p).unwrap();
+        let mut fa = Param::new(vec![8, lin.din], rand_vec(&mut rng, 8 * lin.din, 0.01));
+        let mut fb = Param::new(vec![lin.dout, 8], vec![0.0; lin.dout * 8]);
+        fa.set_trainable(true);
+        fb.set_trainable(true);
+        lin.fresh = Some(FreshLora { a: fa, b: fb, r: 8, scale: 2.0 });
+    }
+    let (bs, s, t) = (8, 64, 8);
+    let b = Seq2SeqBatch {
+        batch: bs,
+        src_len: s,
+        tgt_len: t,
+        input_ids: (0..bs * s).map(|i| (i * 7919 % 32000) as u32 + 2).collect(),
+        attention_mask: vec![1.0; bs * s],
+        decoder_input_ids: (0..bs * t).map(|i| (i * 104729 % 32000) as u32).collect(),
+        decoder_attention_mask: None,
+    };
+    let labels: Vec<i64> = (0..bs * t).map(|i| (i * 31 % 32000) as i64).collect();
+    m.forward(&b).unwrap();
+    let t0 = std::time::Instant::now();
+    m.forward(&b).unwrap();
+    let fwd = t0.elapsed().as_secs_f64();
+    let t0 = std::time::Instant::now();
+    let logits = m.forward(&b).unwrap().to_vec();
+    let mut dl = vec![0.0; logits.len()];
+    seq_cross_entropy(&logits, &labels, m.vocab(), &mut dl).unwrap();
+    m.backward(&dl, false).unwrap();
+    let step = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "flan-t5-small shapes, batch {bs}x{s} -> {t}, {} LoRA layers: forward {:.3} s, forward+backward {:.3} s ({} threads)",
+        paths.len(),
+        fwd,
+        step,
+        rayon::current_num_threads()
+    );
+}
+
+#[test]
+fn random_models_build_for_both_variants() {
+    for (ff, tied) in [("relu", true), ("gated-gelu", false)] {
+        let cfg: loracomp::models::t5::T5Config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 40, "d_model": 8, "d_kv": 3, "d_ff": 10, "num_layers": 2, "num_decoder_layers": 1,
+            "num_heads": 2, "feed_forward_proj": ff, "tie_word_embeddings": tied, "model_type": "t5"
+        }))
+        .unwrap();
+        let mut m = T5::random(cfg, 3).unwrap();
+        assert_eq!(m.gated, !tied);
+        assert_eq!(m.lm_head.w.data == m.shared.data, tied);
+        let b = Seq2SeqBatch {
+            batch: 1,
+            src_len: 3,
+            tgt_len: 2,
+            input_ids: vec![5, 6, 1],
+            attention_mask: vec![1.0; 3],
+            decoder_input_ids: vec![0, 7],
+            decoder_attention_mask: None,
+        };
+        assert!(m.forward(&b).unwrap().iter().all(|x| x.is_finite()));
+    }
+}

@@ -385,6 +385,62 @@ impl T5 {
         })
     }
 
+    /// A random model with `T5ForConditionalGeneration`'s keys (normal weights scaled by `1/√fan_in`, unit
+    /// norms, normal position-bias tables, untied head when the config says so), from a seeded generator.
+    /// For tests and timings at real shapes without a checkpoint.
+    pub fn random(cfg: T5Config, seed: u64) -> Result<Self> {
+        use rand::SeedableRng;
+        cfg.validate()?;
+        let (gated, _) = cfg.act()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (d, inner, ff) = (cfg.d_model, cfg.inner(), cfg.d_ff);
+        let mut names: Vec<(String, Vec<usize>)> = vec![("shared.weight".into(), vec![cfg.vocab_size, d])];
+        if cfg.tie_word_embeddings == Some(false) {
+            names.push(("lm_head.weight".into(), vec![cfg.vocab_size, d]));
+        }
+        for (stack, n) in [("encoder", cfg.num_layers), ("decoder", cfg.decoder_layers())] {
+            names.push((
+                format!("{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+                vec![cfg.relative_attention_num_buckets, cfg.num_heads],
+            ));
+            names.push((format!("{stack}.final_layer_norm.weight"), vec![d]));
+            for l in 0..n {
+                let pre = format!("{stack}.block.{l}");
+                let mut attn = vec!["layer.0.SelfAttention"];
+                if stack == "decoder" {
+                    attn.push("layer.1.EncDecAttention");
+                }
+                for (i, a) in attn.iter().enumerate() {
+                    for x in ["q", "k", "v"] {
+                        names.push((format!("{pre}.{a}.{x}.weight"), vec![inner, d]));
+                    }
+                    names.push((format!("{pre}.{a}.o.weight"), vec![d, inner]));
+                    names.push((format!("{pre}.layer.{i}.layer_norm.weight"), vec![d]));
+                }
+                let fl = attn.len();
+                let wis: &[&str] = if gated { &["wi_0", "wi_1"] } else { &["wi"] };
+                for w in wis {
+                    names.push((format!("{pre}.layer.{fl}.DenseReluDense.{w}.weight"), vec![ff, d]));
+                }
+                names.push((format!("{pre}.layer.{fl}.DenseReluDense.wo.weight"), vec![d, ff]));
+                names.push((format!("{pre}.layer.{fl}.layer_norm.weight"), vec![d]));
+            }
+        }
+        let mut tensors = std::collections::BTreeMap::new();
+        for (n, shape) in names {
+            let len: usize = shape.iter().product();
+            let data: Vec<f32> = if n.ends_with("layer_norm.weight") {
+                vec![1.0; len]
+            } else {
+                let std = if n.contains("relative_attention_bias") { 1.0 } else { (shape[1] as f32).powf(-0.5) };
+                (0..len).map(|_| crate::util::normal(&mut rng) * std).collect()
+            };
+            tensors.insert(n, (shape, data));
+        }
+        let mut tf = TensorFile { path: "<random>".into(), tensors, unusable: Default::default() };
+        Self::from_tensors(cfg, &mut tf)
+    }
+
     pub fn vocab(&self) -> usize {
         self.cfg.vocab_size
     }
