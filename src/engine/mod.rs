@@ -6,6 +6,7 @@ pub mod gemm;
 pub mod kernels;
 pub mod llama_ops;
 pub mod param;
+pub mod t5_ops;
 
 #[cfg(test)]
 mod gradcheck;

@@ -140,8 +140,9 @@ pub fn run(model_dir: &Path, adapters: &[std::path::PathBuf], input: &Path, allo
     match mt.as_str() {
         "bert" => bert_forward(model_dir, adapters, &inp, allow_mismatch),
         "llama" => llama_forward(model_dir, adapters, &inp, allow_mismatch),
+        "t5" => t5_forward(model_dir, adapters, &inp, allow_mismatch),
         other => bail!(
-            "{}: key 'model_type': '{other}' is not supported (supported: bert, llama)",
+            "{}: key 'model_type': '{other}' is not supported (supported: bert, llama, t5)",
             model_dir.join("config.json").display()
         ),
     }
@@ -224,4 +225,53 @@ fn llama_forward(
     let batch = LmBatch { batch: b, seq: s, ids: ids.iter().map(|&x| x as u32).collect(), mask };
     let logits = model.forward(&batch)?;
     Ok(TensorOut { shape: vec![b, s, vocab as usize], data: logits.to_vec() })
+}
+
+/// T5: logits `[batch, dec_seq, vocab]` from `input_ids`, `attention_mask` (optional), `decoder_input_ids` and
+/// `decoder_attention_mask` (optional; the decoder is causal either way).
+fn t5_forward(model_dir: &Path, adapters: &[std::path::PathBuf], inp: &ForwardInput, allow: bool) -> Result<TensorOut> {
+    use super::t5::{Seq2SeqBatch, T5};
+    let mut model = T5::load(model_dir)?;
+    attach_all(&mut model, adapters, model_dir, allow)?;
+    let p = inp.path.display();
+    let vocab = model.vocab() as i64;
+    let ids_field = |key: &str| -> Result<(usize, usize, Vec<u32>)> {
+        let (b, s, ids) = inp.ints2(key)?;
+        if let Some(x) = ids.iter().find(|&&x| x < 0 || x >= vocab) {
+            bail!("{p}: field '{key}' holds {x}, outside the vocabulary [0, {vocab})");
+        }
+        Ok((b, s, ids.iter().map(|&x| x as u32).collect()))
+    };
+    let mask_field = |key: &str, b: usize, s: usize, of: &str| -> Result<Option<Vec<f32>>> {
+        if !inp.has(key) {
+            return Ok(None);
+        }
+        let (mb, ms, m) = inp.ints2(key)?;
+        if (mb, ms) != (b, s) {
+            bail!("{p}: field '{key}' is [{mb}, {ms}] but '{of}' is [{b}, {s}]");
+        }
+        if let Some(x) = m.iter().find(|&&x| x != 0 && x != 1) {
+            bail!("{p}: field '{key}' holds {x}; a mask holds 0 or 1");
+        }
+        Ok(Some(m.iter().map(|&x| x as f32).collect()))
+    };
+    let (b, s, input_ids) = ids_field("input_ids")?;
+    let (db, t, decoder_input_ids) = ids_field("decoder_input_ids")?;
+    if db != b {
+        bail!("{p}: field 'decoder_input_ids' has {db} rows but 'input_ids' has {b}");
+    }
+    let attention_mask = mask_field("attention_mask", b, s, "input_ids")?.unwrap_or_else(|| vec![1.0; b * s]);
+    let decoder_attention_mask = mask_field("decoder_attention_mask", b, t, "decoder_input_ids")?;
+    let batch = Seq2SeqBatch {
+        batch: b,
+        src_len: s,
+        tgt_len: t,
+        input_ids,
+        attention_mask,
+        decoder_input_ids,
+        decoder_attention_mask,
+    };
+    let v = model.vocab();
+    let logits = model.forward(&batch)?;
+    Ok(TensorOut { shape: vec![b, t, v], data: logits.to_vec() })
 }

@@ -6,5 +6,6 @@ pub mod config;
 pub mod forward;
 pub mod hf;
 pub mod llama;
+pub mod t5;
 pub mod tokenize;
 pub mod weights;
