@@ -139,8 +139,9 @@ pub fn run(model_dir: &Path, adapters: &[std::path::PathBuf], input: &Path, allo
     let mt = model_type(model_dir)?;
     match mt.as_str() {
         "bert" => bert_forward(model_dir, adapters, &inp, allow_mismatch),
+        "vit" | "dinov2" => vit_forward(model_dir, adapters, &inp, allow_mismatch),
         other => bail!(
-            "{}: key 'model_type': '{other}' is not supported (supported: bert)",
+            "{}: key 'model_type': '{other}' is not supported (supported: bert, vit, dinov2)",
             model_dir.join("config.json").display()
         ),
     }
@@ -190,4 +191,35 @@ fn bert_forward(
     let d = bert.hidden();
     let h = bert.forward(&batch)?;
     Ok(TensorOut { shape: vec![b, s, d], data: h.to_vec() })
+}
+
+fn vit_forward(
+    model_dir: &Path,
+    adapters: &[std::path::PathBuf],
+    inp: &ForwardInput,
+    allow: bool,
+) -> Result<TensorOut> {
+    use super::vit::Vit;
+    let mut vit = Vit::load(model_dir)?;
+    attach_all(&mut vit, adapters, model_dir, allow)?;
+    let px = pixel_values(inp)?;
+    vit.check_pixels(&px).map_err(|e| anyhow!("{}: {e}", inp.path.display()))?;
+    let h = vit.forward(&px)?.to_vec();
+    let (b, s) = vit.shape();
+    Ok(TensorOut { shape: vec![b, s, vit.hidden()], data: h })
+}
+
+/// `pixel_values` as `[batch][channels][height][width]` floats.
+pub fn pixel_values(inp: &ForwardInput) -> Result<super::vit::Pixels> {
+    let (shape, data) = inp.floats("pixel_values")?;
+    let [batch, channels, height, width] = shape[..] else {
+        bail!(
+            "{}: field 'pixel_values' has shape {shape:?}; expected [batch][channels][height][width]",
+            inp.path.display()
+        );
+    };
+    if data.is_empty() {
+        bail!("{}: field 'pixel_values' is empty", inp.path.display());
+    }
+    Ok(super::vit::Pixels { batch, channels, height, width, data })
 }

@@ -6,4 +6,5 @@ pub mod config;
 pub mod forward;
 pub mod hf;
 pub mod tokenize;
+pub mod vit;
 pub mod weights;
