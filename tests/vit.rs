@@ -433,3 +433,73 @@ fn bad_configs_name_the_key() {
     assert!(err.contains("model.safetensors") && err.contains("has shape"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Image preprocessing from preprocessor_config.json.
+
+use loracomp::models::image::{Preprocessor, Resample, ResizeTo};
+
+fn floats(v: &Value) -> Vec<f32> {
+    v["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+#[test]
+fn preprocessing_matches_the_reference_resize_crop_rescale_normalise() {
+    for model in ["tiny-vit", "tiny-dinov2"] {
+        let pre = Preprocessor::from_file(&fixture(model).join("preprocessor_config.json")).unwrap();
+        let gold = read_json(&fixture(model).join("preprocess_golden.json"));
+        for case in gold["cases"].as_array().unwrap() {
+            let s: Vec<usize> =
+                case["image"]["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+            let (h, w, x) = pre.apply(&floats(&case["image"]), s[0], s[1], s[2]).unwrap();
+            assert_eq!(serde_json::json!([s[0], h, w]), case["pixel_values"]["shape"]);
+            let d = max_diff(&x, &case["pixel_values"]);
+            assert!(d <= 1e-4, "{model} {s:?}: max abs diff {d}");
+        }
+    }
+    // the preprocessed batch runs through the model
+    let pre = Preprocessor::from_file(&fixture("tiny-vit/preprocessor_config.json")).unwrap();
+    let px = pre.batch(&[vec![128.0; 3 * 20 * 30], vec![3.0; 3 * 20 * 30]], 3, 20, 30).unwrap();
+    assert_eq!((px.batch, px.height, px.width), (2, 16, 16));
+    assert!((px.data[0] - (128.0 / 255.0 - 0.5) / 0.5).abs() < 1e-5);
+    assert_eq!(Vit::load(&fixture("tiny-vit")).unwrap().forward(&px).unwrap().len(), 2 * 17 * 32);
+}
+
+#[test]
+fn preprocessing_config_parses_and_errors_name_the_key() {
+    let v = serde_json::json!({"do_resize": true, "size": {"shortest_edge": 8}, "resample": 3});
+    let p = Preprocessor::from_json(&v).unwrap();
+    assert_eq!(p.resize, Some((ResizeTo::ShortestEdge(8), Resample::Bicubic)));
+    assert_eq!((p.center_crop, p.rescale, p.normalize), (None, None, None));
+    // no steps: the image passes through unchanged
+    let none = Preprocessor::from_json(&serde_json::json!({})).unwrap();
+    let img: Vec<f32> = (0..2 * 3 * 4).map(|i| i as f32).collect();
+    assert_eq!(none.apply(&img, 2, 3, 4).unwrap(), (3, 4, img.clone()));
+    // resizing to the same size is the identity, for both filters
+    for rs in [2, 3] {
+        let p = Preprocessor::from_json(
+            &serde_json::json!({"do_resize": true, "size": {"height": 3, "width": 4}, "resample": rs}),
+        )
+        .unwrap();
+        let (_, _, out) = p.apply(&img, 2, 3, 4).unwrap();
+        out.iter().zip(&img).for_each(|(a, b)| assert!((a - b).abs() < 1e-5));
+    }
+    let dir = tmpdir("vit-pre");
+    for (cfg, want) in [
+        (serde_json::json!({"do_resize": true}), "key 'size' is missing"),
+        (serde_json::json!({"do_resize": true, "size": {"height": 4}}), "key 'size'"),
+        (serde_json::json!({"do_resize": true, "size": 4, "resample": 0}), "key 'resample'"),
+        (serde_json::json!({"do_normalize": true, "image_mean": [0.5], "image_std": [0.0]}), "key 'image_std'"),
+        (serde_json::json!({"do_rescale": "yes"}), "key 'do_rescale'"),
+    ] {
+        let p = dir.join("preprocessor_config.json");
+        std::fs::write(&p, cfg.to_string()).unwrap();
+        let err = Preprocessor::from_file(&p).unwrap_err().to_string();
+        assert!(err.contains(want) && err.contains("preprocessor_config.json"), "{err}");
+    }
+    let crop =
+        Preprocessor::from_json(&serde_json::json!({"do_center_crop": true, "crop_size": {"height": 5, "width": 5}}))
+            .unwrap();
+    assert!(crop.apply(&img, 2, 3, 4).unwrap_err().to_string().contains("smaller than crop_size"));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -11,6 +11,12 @@ Outputs (under --out, default tests/fixtures):
   tiny-vit/adapter_classic_a   adapter_runtime_a with the keys and target_modules of older adapters
   tiny-vit/adapter_classic_b   (encoder.layer.N.attention.attention.query, ..., intermediate.dense, output.dense)
   tiny-vit/peft_golden.json    pixel_values and PEFT's last_hidden_state for a, b, and a+b active together
+  tiny-vit/preprocessor_config.json, tiny-dinov2/preprocessor_config.json (ViTImageProcessor /
+                  BitImageProcessor style) and preprocess_golden.json in each: two 0-255 images (one smaller,
+                  one larger than the target) and their pixel_values, computed with torch's antialiased
+                  interpolate (what transformers' torchvision backend calls), torchvision's center-crop offsets
+                  (round((H - h) / 2)), rescale and normalise. (PIL / torchvision are not installed here, so
+                  the processors themselves are not run.)
   tiny-dinov2/    config.json, model.safetensors (Dinov2Model, layer scale), golden.json (16x16 and 24x20),
                   adapter_runtime/ (q_proj, v_proj, fc1), peft_golden.json
 
@@ -230,6 +236,48 @@ def dense_classic(load, base_dir: Path, adapters, x):
             return load(tmp)(pixel_values=x).last_hidden_state
 
 
+VIT_PRE = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": 16, "width": 16},
+           "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+           "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+DINO_PRE = {"image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": 18},
+            "resample": 3, "do_center_crop": True, "crop_size": {"height": 16, "width": 16}, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
+            "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True}
+
+
+def preprocess_ref(img: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """Reference for loracomp's models::image on one [C, H, W] float image."""
+    import torch.nn.functional as F
+
+    x = img.unsqueeze(0)
+    h, w = x.shape[-2:]
+    if "shortest_edge" in cfg["size"]:
+        s = cfg["size"]["shortest_edge"]
+        oh, ow = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+    else:
+        oh, ow = cfg["size"]["height"], cfg["size"]["width"]
+    mode = {2: "bilinear", 3: "bicubic"}[cfg["resample"]]
+    x = F.interpolate(x, size=(oh, ow), mode=mode, antialias=True, align_corners=False)[0]
+    if cfg.get("do_center_crop"):
+        ch, cw = cfg["crop_size"]["height"], cfg["crop_size"]["width"]
+        top, left = int(round((oh - ch) / 2.0)), int(round((ow - cw) / 2.0))
+        x = x[:, top:top + ch, left:left + cw]
+    x = x * cfg["rescale_factor"]
+    mean = torch.tensor(cfg["image_mean"]).view(-1, 1, 1)
+    std = torch.tensor(cfg["image_std"]).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+def make_preprocess(model_dir: Path, cfg: dict, seed: int):
+    (model_dir / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for shape in ((3, 13, 11), (3, 37, 29)):
+        img = torch.randint(0, 256, shape, generator=g).to(torch.float32)
+        cases.append({"image": block(img), "pixel_values": block(preprocess_ref(img, cfg))})
+    dump_json({"cases": cases}, model_dir / "preprocess_golden.json")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="tests/fixtures")
@@ -264,6 +312,9 @@ def main():
                                                lora_dropout=0.0), seed=12)
     h = peft_out(load_dino, dino_dir, [rd], x)
     dump_json({"pixel_values": x.tolist(), "last_hidden_state": block(h)}, dino_dir / "peft_golden.json")
+
+    make_preprocess(vit_dir, VIT_PRE, 20)
+    make_preprocess(dino_dir, DINO_PRE, 21)
 
     for d in (vit_dir, dino_dir):
         total = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())

@@ -5,6 +5,7 @@ pub mod classifier;
 pub mod config;
 pub mod forward;
 pub mod hf;
+pub mod image;
 pub mod tokenize;
 pub mod vit;
 pub mod weights;
