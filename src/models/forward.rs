@@ -141,8 +141,9 @@ pub fn run(model_dir: &Path, adapters: &[std::path::PathBuf], input: &Path, allo
         "bert" => bert_forward(model_dir, adapters, &inp, allow_mismatch),
         "llama" => llama_forward(model_dir, adapters, &inp, allow_mismatch),
         "t5" => t5_forward(model_dir, adapters, &inp, allow_mismatch),
+        "vit" | "dinov2" => vit_forward(model_dir, adapters, &inp, allow_mismatch),
         other => bail!(
-            "{}: key 'model_type': '{other}' is not supported (supported: bert, llama, t5)",
+            "{}: key 'model_type': '{other}' is not supported (supported: bert, llama, t5, vit, dinov2)",
             model_dir.join("config.json").display()
         ),
     }
@@ -274,4 +275,46 @@ fn t5_forward(model_dir: &Path, adapters: &[std::path::PathBuf], inp: &ForwardIn
     let v = model.vocab();
     let logits = model.forward(&batch)?;
     Ok(TensorOut { shape: vec![b, t, v], data: logits.to_vec() })
+}
+
+    use super::vit::Vit;
+    let mut vit = Vit::load(model_dir)?;
+    attach_all(&mut vit, adapters, model_dir, allow)?;
+    let px = pixel_values(inp)?;
+    vit.check_pixels(&px).map_err(|e| anyhow!("{}: {e}", inp.path.display()))?;
+    let h = vit.forward(&px)?.to_vec();
+    let (b, s) = vit.shape();
+    Ok(TensorOut { shape: vec![b, s, vit.hidden()], data: h })
+}
+
+/// `pixel_values` as `[batch][channels][height][width]` floats.
+pub fn pixel_values(inp: &ForwardInput) -> Result<super::vit::Pixels> {
+    let (shape, data) = inp.floats("pixel_values")?;
+    let [batch, channels, height, width] = shape[..] else {
+        bail!(
+            "{}: field 'pixel_values' has shape {shape:?}; expected [batch][channels][height][width]",
+            inp.path.display()
+        );
+    };
+    if data.is_empty() {
+        bail!("{}: field 'pixel_values' is empty", inp.path.display());
+    }
+    Ok(super::vit::Pixels { batch, channels, height, width, data })
+}
+
+/// ViT / DINOv2: last hidden state `[batch, 1 + patches, hidden]` from `pixel_values`.
+fn vit_forward(
+    model_dir: &Path,
+    adapters: &[std::path::PathBuf],
+    inp: &ForwardInput,
+    allow: bool,
+) -> Result<TensorOut> {
+    use super::vit::Vit;
+    let mut vit = Vit::load(model_dir)?;
+    attach_all(&mut vit, adapters, model_dir, allow)?;
+    let px = pixel_values(inp)?;
+    vit.check_pixels(&px).map_err(|e| anyhow!("{}: {e}", inp.path.display()))?;
+    let h = vit.forward(&px)?.to_vec();
+    let (b, s) = vit.shape();
+    Ok(TensorOut { shape: vec![b, s, vit.hidden()], data: h })
 }

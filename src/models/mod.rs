@@ -7,5 +7,7 @@ pub mod forward;
 pub mod hf;
 pub mod llama;
 pub mod t5;
+pub mod image;
 pub mod tokenize;
+pub mod vit;
 pub mod weights;
