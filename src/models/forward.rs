@@ -277,6 +277,13 @@ fn t5_forward(model_dir: &Path, adapters: &[std::path::PathBuf], inp: &ForwardIn
     Ok(TensorOut { shape: vec![b, t, v], data: logits.to_vec() })
 }
 
+/// ViT / DINOv2: last hidden state `[batch, 1 + patches, hidden]` from `pixel_values`.
+fn vit_forward(
+    model_dir: &Path,
+    adapters: &[std::path::PathBuf],
+    inp: &ForwardInput,
+    allow: bool,
+) -> Result<TensorOut> {
     use super::vit::Vit;
     let mut vit = Vit::load(model_dir)?;
     attach_all(&mut vit, adapters, model_dir, allow)?;
@@ -300,21 +307,4 @@ pub fn pixel_values(inp: &ForwardInput) -> Result<super::vit::Pixels> {
         bail!("{}: field 'pixel_values' is empty", inp.path.display());
     }
     Ok(super::vit::Pixels { batch, channels, height, width, data })
-}
-
-/// ViT / DINOv2: last hidden state `[batch, 1 + patches, hidden]` from `pixel_values`.
-fn vit_forward(
-    model_dir: &Path,
-    adapters: &[std::path::PathBuf],
-    inp: &ForwardInput,
-    allow: bool,
-) -> Result<TensorOut> {
-    use super::vit::Vit;
-    let mut vit = Vit::load(model_dir)?;
-    attach_all(&mut vit, adapters, model_dir, allow)?;
-    let px = pixel_values(inp)?;
-    vit.check_pixels(&px).map_err(|e| anyhow!("{}: {e}", inp.path.display()))?;
-    let h = vit.forward(&px)?.to_vec();
-    let (b, s) = vit.shape();
-    Ok(TensorOut { shape: vec![b, s, vit.hidden()], data: h })
 }
