@@ -6,6 +6,7 @@
 //! probabilities `[batch, heads, seq, seq]` are kept for the backward pass. Batches run in parallel.
 
 use super::gemm::matmul_strided;
+use super::kernels::{fast_exp, wide_simd};
 use rayon::prelude::*;
 
 /// Shape of one attention call.
@@ -39,6 +40,7 @@ pub fn attention_forward(
     let AttnShape { batch, seq: s, heads, head_dim: dh } = sh;
     let d = sh.d();
     let scale = 1.0 / (dh as f32).sqrt();
+    let wide = wide_simd();
     ctx[..batch * s * d]
         .par_chunks_mut(s * d)
         .zip(probs[..sh.probs_len()].par_chunks_mut(heads * s * s))
@@ -51,23 +53,49 @@ pub fn attention_forward(
                 let off = base + h * dh;
                 matmul_strided(s, s, dh, scale, &q[off..], d, 1, &k[off..], 1, d, 0.0, p, s);
                 for row in p.chunks_mut(s) {
-                    let mut mx = f32::NEG_INFINITY;
-                    for (x, &mk) in row.iter().zip(m) {
-                        if mk != 0.0 && *x > mx {
-                            mx = *x;
-                        }
+                    if wide {
+                        // SAFETY: `wide_simd()` checked the CPU features.
+                        unsafe { masked_softmax_avx512(row, m) }
+                    } else {
+                        masked_softmax(row, m)
                     }
-                    let mut sum = 0.0f32;
-                    for (x, &mk) in row.iter_mut().zip(m) {
-                        *x = if mk != 0.0 { (*x - mx).exp() } else { 0.0 };
-                        sum += *x;
-                    }
-                    let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-                    row.iter_mut().for_each(|x| *x *= inv);
                 }
                 matmul_strided(s, dh, s, 1.0, p, s, 1, &v[off..], d, 1, 0.0, &mut ctx_b[h * dh..], d);
             }
         });
+}
+
+/// Softmax over the unmasked entries of one score row (masked entries become 0; an all-masked row is all 0).
+/// The exponentials are computed in their own loop so that it vectorises; the sum runs in index order.
+#[inline(always)]
+fn masked_softmax(row: &mut [f32], m: &[f32]) {
+    let mut mx = f32::NEG_INFINITY;
+    for (x, &mk) in row.iter().zip(m) {
+        if mk != 0.0 && *x > mx {
+            mx = *x;
+        }
+    }
+    for (x, &mk) in row.iter_mut().zip(m) {
+        let e = fast_exp(*x - mx);
+        *x = if mk != 0.0 { e } else { 0.0 };
+    }
+    let mut sum = 0.0f32;
+    for x in row.iter() {
+        sum += *x;
+    }
+    let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// `masked_softmax` compiled for AVX-512 (bit-identical: the same IEEE operations in the same order per entry).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn masked_softmax_avx512(row: &mut [f32], m: &[f32]) {
+    masked_softmax(row, m)
+}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn masked_softmax_avx512(row: &mut [f32], m: &[f32]) {
+    masked_softmax(row, m)
 }
 
 /// Backward: from `dctx` and the cached `probs`, writes `dq`, `dk`, `dv` (overwriting).
@@ -114,4 +142,24 @@ pub fn attention_backward(
                 matmul_strided(s, dh, s, 1.0, &ds, 1, s, &q[off..], d, 1, 0.0, &mut dk_b[h * dh..], d);
             }
         });
+}
+
+#[cfg(test)]
+#[test]
+fn wide_and_scalar_softmax_are_bit_identical() {
+    let s = 37;
+    let row0: Vec<f32> = (0..s).map(|i| ((i * 7919) % 101) as f32 * 0.173 - 8.0).collect();
+    for m in [vec![1.0f32; s], (0..s).map(|i| (i % 3 != 0) as u8 as f32).collect(), vec![0.0; s]] {
+        let (mut a, mut b) = (row0.clone(), row0.clone());
+        masked_softmax(&mut a, &m);
+        if wide_simd() {
+            unsafe { masked_softmax_avx512(&mut b, &m) };
+        } else {
+            masked_softmax(&mut b, &m);
+        }
+        assert_eq!(a, b);
+        let total: f32 = a.iter().sum();
+        assert!(m.iter().all(|&x| x == 0.0) && total == 0.0 || (total - 1.0).abs() < 1e-5);
+        assert!(a.iter().zip(&m).all(|(p, &mk)| mk != 0.0 || *p == 0.0));
+    }
 }
