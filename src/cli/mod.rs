@@ -16,6 +16,10 @@ pub struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     pub threads: Option<usize>,
+    /// Matrix-product arithmetic: `f32`, or `bf16` (bf16 operands, f32 accumulation; every parameter and
+    /// gradient stays f32). bf16 needs AVX-512 BF16; without it products stay f32 (with a note on stderr).
+    #[arg(long, global = true, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub compute: String,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -266,6 +270,12 @@ pub enum Cmd {
         /// JSON lines only.
         #[arg(long)]
         json: bool,
+        /// Same as the global `--compute bf16`.
+        #[arg(long)]
+        bf16: bool,
+        /// Also time each configuration's distinct product shapes alone, f32 vs bf16 (table on stderr).
+        #[arg(long)]
+        shapes: bool,
     },
 }
 
@@ -298,6 +308,13 @@ fn read_texts(path: &std::path::Path) -> Result<Vec<String>> {
 pub fn run(cli: Cli) -> Result<()> {
     if let Some(t) = cli.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().map_err(|e| anyhow!("--threads: {e}"))?;
+    }
+    let bf16 = cli.compute == "bf16" || matches!(cli.cmd, Cmd::Bench { bf16: true, .. });
+    if bf16 {
+        crate::engine::gemm::set_compute(crate::engine::gemm::Compute::Bf16);
+        if !crate::engine::gemm::bf16_active() {
+            eprintln!("note: bf16 compute requested but this CPU has no AVX-512 BF16; matrix products stay f32");
+        }
     }
     match cli.cmd {
         Cmd::Embed { model, pooling, normalize, text, input, max_len, batch } => {
@@ -404,7 +421,7 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("The real suite (all-MiniLM-L6-v2, CLINC bank, tasks outside it):");
             println!("  bash experiments/bank_clinc.sh && bash experiments/fewshot_clinc_bank.sh");
         }
-        Cmd::Bench { workloads, modes, n, warmup, iters, batch, seq, smoke, json } => {
+        Cmd::Bench { workloads, modes, n, warmup, iters, batch, seq, smoke, json, shapes, .. } => {
             let opts = if smoke {
                 bench::BenchOpts {
                     workloads: vec!["tiny".into()],
@@ -414,9 +431,10 @@ pub fn run(cli: Cli) -> Result<()> {
                     iters: 2,
                     batch: 4,
                     seq: 16,
+                    shapes,
                 }
             } else {
-                bench::BenchOpts { workloads, modes, n_adapters: n, warmup, iters, batch, seq }
+                bench::BenchOpts { workloads, modes, n_adapters: n, warmup, iters, batch, seq, shapes }
             };
             if !json {
                 eprintln!(

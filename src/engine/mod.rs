@@ -2,6 +2,7 @@
 //! the AdamW optimiser. No autograd graph: each layer caches what its backward pass needs.
 
 pub mod attention;
+pub mod bf16;
 pub mod gemm;
 pub mod kernels;
 pub mod llama_ops;

@@ -4,6 +4,7 @@
 //! `minilm` = all-MiniLM-L6-v2's shape (6 layers, d 384, 12 heads, MLP 1536) and `ref4` = a 4-layer encoder
 //! with 6 heads. Every step is batch 16 × 64 tokens, mean pooling, a 10-class head, cross-entropy and AdamW.
 
+use crate::engine::gemm::{self, Compute, GemmCall};
 use crate::engine::kernels::Pooling;
 use crate::engine::param::{AdamW, Param};
 use crate::lora::bank::{Composition, FreshLora, LoraModule};
@@ -49,6 +50,39 @@ pub struct BenchOpts {
     pub iters: usize,
     pub batch: usize,
     pub seq: usize,
+    /// After each configuration, time its distinct product shapes in f32 and in bf16 (stderr table).
+    pub shapes: bool,
+}
+
+/// One distinct product shape of a step: how often it occurs and its best time alone in each arithmetic.
+#[derive(Clone, Debug)]
+pub struct ShapeTiming {
+    pub call: GemmCall,
+    pub count: usize,
+    pub f32_ms: f64,
+    /// `None` where the CPU has no bf16 kernel.
+    pub bf16_ms: Option<f64>,
+}
+
+/// Time each distinct shape in `calls` alone (best of `reps`) with f32 and with bf16 arithmetic. Shapes under
+/// the bf16 size threshold run f32 in both. Restores the compute mode it found.
+pub fn shape_timings(calls: &[GemmCall], reps: usize) -> Vec<ShapeTiming> {
+    let before = gemm::compute();
+    let mut out: Vec<ShapeTiming> = Vec::new();
+    for c in calls {
+        let same = |o: &GemmCall| (o.m, o.n, o.k, o.ta, o.tb, o.parallel) == (c.m, c.n, c.k, c.ta, c.tb, c.parallel);
+        if let Some(t) = out.iter_mut().find(|t| same(&t.call)) {
+            t.count += 1;
+            continue;
+        }
+        gemm::set_compute(Compute::F32);
+        let f32_ms = gemm::replay(&[*c], reps) * 1e3;
+        gemm::set_compute(Compute::Bf16);
+        let bf16_ms = gemm::bf16_active().then(|| gemm::replay(&[*c], reps) * 1e3);
+        out.push(ShapeTiming { call: *c, count: 1, f32_ms, bf16_ms });
+    }
+    gemm::set_compute(before);
+    out
 }
 
 pub fn workload_config(name: &str) -> Result<BertConfig> {
@@ -182,6 +216,26 @@ pub fn run(opts: &BenchOpts, mut report: impl FnMut(&BenchResult)) -> Result<Vec
                 let calls = crate::engine::gemm::stop_recording();
                 let flop: f64 = calls.iter().map(|c| crate::engine::gemm::matmul_flops(c.m, c.n, c.k)).sum();
                 let floor_ms = crate::engine::gemm::replay(&calls, 3) * 1e3;
+                if opts.shapes {
+                    eprintln!("  products of one step ({w} {mode} N={n}): best of 5, ms and GFLOP/s");
+                    for t in shape_timings(&calls, 5) {
+                        let c = t.call;
+                        let f = gemm::matmul_flops(c.m, c.n, c.k) / 1e6;
+                        let bf = t.bf16_ms.map_or("-".to_string(), |b| format!("{b:.3} {:.0}", f / b));
+                        eprintln!(
+                            "  {:>5}x{:<5}x{:<5} {:?}{:?} {} ×{:<3} f32 {:.3} {:.0}  bf16 {bf}",
+                            c.m,
+                            c.n,
+                            c.k,
+                            c.ta,
+                            c.tb,
+                            if c.parallel { "par" } else { "seq" },
+                            t.count,
+                            t.f32_ms,
+                            f / t.f32_ms
+                        );
+                    }
+                }
                 let median = times[times.len() / 2];
                 let r = BenchResult {
                     implementation: "loracomp".into(),
@@ -191,7 +245,7 @@ pub fn run(opts: &BenchOpts, mut report: impl FnMut(&BenchResult)) -> Result<Vec
                     batch: opts.batch,
                     seq: opts.seq,
                     threads: rayon::current_num_threads(),
-                    dtype: "f32".into(),
+                    dtype: if crate::engine::gemm::bf16_active() { "bf16" } else { "f32" }.into(),
                     median_ms: median,
                     min_ms: times[0],
                     peak_rss_mb: peak_rss_mb(),
