@@ -182,7 +182,13 @@ pub struct SweepConfig {
 impl SweepConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let cfg: SweepConfig = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        Self::parse(path, &text)
+    }
+
+    /// Parse and validate config text; `path` names the file in errors. (The fuzz target `sweep_toml` calls
+    /// this on arbitrary text.)
+    pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        let cfg: SweepConfig = toml::from_str(text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         cfg.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
         Ok(cfg)
     }
