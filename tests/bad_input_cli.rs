@@ -342,3 +342,52 @@ fn nan_in_the_base_model_names_the_tensor() {
     assert!(o.stdout.is_empty());
     assert!(err.contains("model.safetensors") && err.contains(&key) && err.contains("NaN"), "{err}");
 }
+
+#[test]
+fn sizes_that_cannot_work_are_refused_not_clamped() {
+    let e = Env::new("badcli-sizes");
+    let m = e.m.to_str().unwrap();
+    let t = e.d.join("task");
+    let out = e.d.join("out");
+    let adapt = |extra: &[&'static str]| -> Vec<String> {
+        let mut a: Vec<&str> =
+            vec!["adapt", "--model", m, "--task", t.to_str().unwrap(), "--shots", "1", "--method", "lora"];
+        a.extend(["--steps", "1", "--out", out.to_str().unwrap()]);
+        a.extend(extra);
+        a.into_iter().map(String::from).collect()
+    };
+    // the tokenizer used to panic when max_len could not hold [CLS] a [SEP] b [SEP]
+    for n in ["0", "1", "3"] {
+        let a = adapt(&["--max-len", n]);
+        fails(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            &["tokenizer.json", &format!("max_len {n}"), "special tokens"],
+            &out,
+        );
+    }
+    // a rank, batch or export rank of 0 is a usage error (it used to be clamped, or written as an r = 0 adapter
+    // that loracomp itself refuses to read)
+    for (flag, needle) in [("--rank", "--rank"), ("--batch", "--batch"), ("--export-rank", "--export-rank")] {
+        let o = common::bin().args(adapt(&[flag, "0"])).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(needle) && err.contains("not a positive whole number"), "{err}");
+        assert!(!out.exists());
+    }
+    // the same in a sweep config: refused when the config is read, naming the file and the field
+    let base = std::fs::read_to_string(common::root().join("experiments/task_shift_quick.toml")).unwrap();
+    for (from, to, field) in [
+        ("rank = 16", "rank = 0", "bank.rank"),
+        ("batch = 16", "batch = 0", "adapt.batch"),
+        ("shots = 4", "shots = 0", "ablation.shots"),
+    ] {
+        let p = e.d.join("sweep.toml");
+        std::fs::write(&p, base.replacen(from, to, 1)).unwrap();
+        let o = common::bin().args(["sweep", "--config", p.to_str().unwrap(), "--out", out.to_str().unwrap()]).output();
+        let o = o.unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains("sweep.toml") && err.contains(&format!("'{field}'")), "{err}");
+        assert!(!out.exists());
+    }
+}

@@ -206,6 +206,17 @@ impl SweepConfig {
         if self.seeds == 0 || self.shots.is_empty() {
             bail!("fields 'seeds' and 'shots' must not be empty");
         }
+        for (field, v) in [
+            ("bank.rank", self.bank.rank),
+            ("bank.batch", self.bank.batch),
+            ("adapt.batch", self.adapt.batch),
+            ("adapt.lora_rank", self.adapt.lora_rank),
+            ("ablation.shots", self.ablation.as_ref().map_or(1, |a| a.shots)),
+        ] {
+            if v == 0 {
+                bail!("field '{field}' must be at least 1");
+            }
+        }
         for k in self.adapt.lr.keys() {
             k.parse::<Method>().map_err(|e| anyhow!("field 'adapt.lr': {e}"))?;
         }
