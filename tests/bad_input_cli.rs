@@ -116,6 +116,15 @@ fn bad_bank_adapters_are_refused_before_anything_is_written() {
     adapter(&wide, 768, |_| {});
     e.adapt_fails(&wide, &["wide", "encoder.layer.0.attention.self.query", "[768 → 384]", "another base model"]);
 
+    // a target module the model lacks (layer 9 of a 6-layer model)
+    let far = e.d.join("far");
+    common::copy_dir(&good, &far);
+    let st = far.join("adapter_model.safetensors");
+    let tf = loracomp::models::weights::TensorFile::open(&st).unwrap();
+    let renamed = tf.tensors.into_iter().map(|(k, v)| (k.replace("layer.0.", "layer.9."), v)).collect();
+    loracomp::models::weights::write_safetensors(&st, &renamed, None).unwrap();
+    e.adapt_fails(&far, &["far", "adapter targets module 'encoder.layer.9.attention.self.query'", "does not have"]);
+
     // config fields loracomp cannot apply exactly
     for (name, edit, field) in [
         (
