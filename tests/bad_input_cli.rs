@@ -400,3 +400,27 @@ fn sizes_that_cannot_work_are_refused_not_clamped() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn a_sweep_with_missing_inputs_writes_nothing() {
+    let e = Env::new("badcli-sweep");
+    let out = e.d.join("out");
+    let cfg = |model: &Path, down: &str| {
+        format!(
+            "name = \"t\"\nmodel = \"{}\"\ndata = \"{}\"\nupstream = [\"task\"]\ndownstream = [\"{down}\"]\n\
+             methods = [\"linear-probe\"]\n",
+            model.display(),
+            e.d.display()
+        )
+    };
+    let p = e.d.join("sweep.toml");
+    for (text, needles) in [
+        (cfg(&e.d.join("no-model"), "task"), vec!["field 'model'", "no-model/config.json", "not found"]),
+        (cfg(&e.m, "tsak"), vec!["field 'downstream'", "task 'tsak'", "task directory not found"]),
+    ] {
+        std::fs::write(&p, text).unwrap();
+        let mut n = vec!["sweep.toml"];
+        n.extend(needles);
+        fails(&["sweep", "--config", p.to_str().unwrap(), "--out", out.to_str().unwrap()], &n, &out);
+    }
+}

@@ -385,9 +385,12 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Sweep { config, out, quiet, force } => {
             let cfg = crate::experiments::sweep::SweepConfig::load(&config)?;
+            cfg.check_inputs().map_err(|e| anyhow!("{}: {e:#}", config.display()))?;
             let text = std::fs::read_to_string(&config)?;
             let saved = out.join("config.toml");
-            if saved.exists() {
+            // Only results make a directory another config's: a config.toml without any is replaced.
+            let has_results = std::fs::metadata(out.join("results.jsonl")).is_ok_and(|m| m.len() > 0);
+            if saved.exists() && has_results {
                 let old = std::fs::read_to_string(&saved)?;
                 if old != text {
                     if !force {

@@ -193,6 +193,26 @@ impl SweepConfig {
         Ok(cfg)
     }
 
+    /// Check that the model and every task directory the config names are there (and the task directories
+    /// readable), before anything is written: a typo must not leave a half-made output directory behind.
+    /// Errors name the field.
+    pub fn check_inputs(&self) -> Result<()> {
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            let p = self.model.join(f);
+            if !p.is_file() {
+                bail!("field 'model': {} not found", p.display());
+            }
+        }
+        let ablation = self.ablation.iter().flat_map(|a| a.tasks.iter().map(|t| ("ablation.tasks", t)));
+        let heatmap = self.heatmap.iter().map(|h| ("heatmap.task", &h.task));
+        let named =
+            self.upstream.iter().map(|t| ("upstream", t)).chain(self.downstream.iter().map(|t| ("downstream", t)));
+        for (field, t) in named.chain(ablation).chain(heatmap) {
+            Task::open(&self.data.join(t)).map_err(|e| anyhow!("field '{field}': task '{t}': {e:#}"))?;
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<()> {
         for m in self.methods.iter().chain(self.ablation.iter().flat_map(|a| a.methods.iter())) {
             m.parse::<Method>().map_err(|e| anyhow!("field 'methods': {e}"))?;
