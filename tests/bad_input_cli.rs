@@ -92,6 +92,9 @@ impl Env {
     }
 }
 
+/// Writes a bad weights file at the given path.
+type WriteFile<'a> = Box<dyn Fn(&Path) + 'a>;
+
 /// Write a safetensors file by hand: `header` JSON and raw `data`, with the 8-byte length prefix.
 fn raw_safetensors(path: &Path, header: &Value, data: &[u8]) {
     let h = header.to_string().into_bytes();
@@ -153,7 +156,7 @@ fn bad_bank_adapters_are_refused_before_anything_is_written() {
     let st = good.join("adapter_model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     let key = "base_model.model.bert.encoder.layer.0.attention.self.query";
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, Vec<&str>)> = vec![
+    let cases: Vec<(&str, WriteFile, Vec<&str>)> = vec![
         (
             "truncated",
             Box::new(|p| std::fs::write(p, &bytes[..bytes.len() - 10]).unwrap()),
