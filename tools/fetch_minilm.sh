@@ -4,6 +4,10 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 dest="${1:-$root/models/all-MiniLM-L6-v2}"
+mkdir -p "$(dirname "$dest")"
+# Test binaries run in parallel and may all call this at once: one fetches, the others wait and find it there.
+exec 9>"$dest.lock"
+flock 9
 if [ -f "$dest/model.safetensors" ] && [ -f "$dest/tokenizer.json" ]; then
   echo "$dest already present"
   exit 0

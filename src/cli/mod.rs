@@ -50,6 +50,14 @@ impl std::fmt::Display for Shots {
     }
 }
 
+/// A count that must be at least 1 (ranks, batch sizes): 0 would otherwise be clamped or written silently.
+fn positive(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) | Err(_) => Err(format!("'{s}' is not a positive whole number")),
+        Ok(n) => Ok(n),
+    }
+}
+
 /// Options shared by `train` and `adapt`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
@@ -64,7 +72,7 @@ pub struct TrainArgs {
     /// Optimisation steps (default: 200 for adapt; for train, from --epochs).
     #[arg(long)]
     pub steps: Option<usize>,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = positive)]
     pub batch: usize,
     /// Learning rate of the method's parameters (LoRA factors, composition logits, encoder weights).
     #[arg(long)]
@@ -95,7 +103,7 @@ pub enum Cmd {
         /// Output adapter directory.
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 16, value_parser = positive)]
         rank: usize,
         #[arg(long, default_value_t = 32.0)]
         alpha: f32,
@@ -124,7 +132,7 @@ pub enum Cmd {
         #[arg(long)]
         out: PathBuf,
         /// LoRA rank for --method lora.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = positive)]
         rank: usize,
         #[arg(long, default_value_t = 16.0)]
         alpha: f32,
@@ -137,7 +145,7 @@ pub enum Cmd {
         #[arg(long, default_value_t = 0.0)]
         entropy_penalty: f32,
         /// Compress the exported LoRA to this rank by truncated SVD (default: exact concatenation).
-        #[arg(long)]
+        #[arg(long, value_parser = positive)]
         export_rank: Option<usize>,
         /// Keep only the k bank modules that retrieval ranks best for the few-shot examples.
         #[arg(long)]
@@ -167,7 +175,7 @@ pub enum Cmd {
         /// Take the classifier head from this bank adapter (0-based).
         #[arg(long, default_value_t = 0)]
         head_from: usize,
-        #[arg(long)]
+        #[arg(long, value_parser = positive)]
         export_rank: Option<usize>,
         #[arg(long)]
         out: PathBuf,
@@ -394,9 +402,12 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Sweep { config, out, quiet, force } => {
             let cfg = crate::experiments::sweep::SweepConfig::load(&config)?;
+            cfg.check_inputs().map_err(|e| anyhow!("{}: {e:#}", config.display()))?;
             let text = std::fs::read_to_string(&config)?;
             let saved = out.join("config.toml");
-            if saved.exists() {
+            // Only results make a directory another config's: a config.toml without any is replaced.
+            let has_results = std::fs::metadata(out.join("results.jsonl")).is_ok_and(|m| m.len() > 0);
+            if saved.exists() && has_results {
                 let old = std::fs::read_to_string(&saved)?;
                 if old != text {
                     if !force {

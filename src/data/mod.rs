@@ -50,10 +50,16 @@ impl Task {
     pub fn split(&self, split: &str) -> Result<Vec<Example>> {
         let p = self.dir.join(format!("{split}.jsonl"));
         let f = std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?;
+        self.parse_split(&p, std::io::BufReader::new(f))
+    }
+
+    /// Parse split lines read from `reader`; `p` names the file in errors. (The fuzz target `task_jsonl` calls
+    /// this on arbitrary bytes.)
+    pub fn parse_split(&self, p: &Path, reader: impl BufRead) -> Result<Vec<Example>> {
         let index: std::collections::HashMap<&str, usize> =
             self.labels.iter().enumerate().map(|(i, l)| (l.as_str(), i)).collect();
         let mut out = Vec::new();
-        for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        for (i, line) in reader.lines().enumerate() {
             let line = line.with_context(|| format!("{}:{}: cannot read", p.display(), i + 1))?;
             if line.trim().is_empty() {
                 continue;

@@ -182,9 +182,35 @@ pub struct SweepConfig {
 impl SweepConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let cfg: SweepConfig = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        Self::parse(path, &text)
+    }
+
+    /// Parse and validate config text; `path` names the file in errors. (The fuzz target `sweep_toml` calls
+    /// this on arbitrary text.)
+    pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        let cfg: SweepConfig = toml::from_str(text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         cfg.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
         Ok(cfg)
+    }
+
+    /// Check that the model and every task directory the config names are there (and the task directories
+    /// readable), before anything is written: a typo must not leave a half-made output directory behind.
+    /// Errors name the field.
+    pub fn check_inputs(&self) -> Result<()> {
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            let p = self.model.join(f);
+            if !p.is_file() {
+                bail!("field 'model': {} not found", p.display());
+            }
+        }
+        let ablation = self.ablation.iter().flat_map(|a| a.tasks.iter().map(|t| ("ablation.tasks", t)));
+        let heatmap = self.heatmap.iter().map(|h| ("heatmap.task", &h.task));
+        let named =
+            self.upstream.iter().map(|t| ("upstream", t)).chain(self.downstream.iter().map(|t| ("downstream", t)));
+        for (field, t) in named.chain(ablation).chain(heatmap) {
+            Task::open(&self.data.join(t)).map_err(|e| anyhow!("field '{field}': task '{t}': {e:#}"))?;
+        }
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -199,6 +225,17 @@ impl SweepConfig {
         }
         if self.seeds == 0 || self.shots.is_empty() {
             bail!("fields 'seeds' and 'shots' must not be empty");
+        }
+        for (field, v) in [
+            ("bank.rank", self.bank.rank),
+            ("bank.batch", self.bank.batch),
+            ("adapt.batch", self.adapt.batch),
+            ("adapt.lora_rank", self.adapt.lora_rank),
+            ("ablation.shots", self.ablation.as_ref().map_or(1, |a| a.shots)),
+        ] {
+            if v == 0 {
+                bail!("field '{field}' must be at least 1");
+            }
         }
         for k in self.adapt.lr.keys() {
             k.parse::<Method>().map_err(|e| anyhow!("field 'adapt.lr': {e}"))?;

@@ -115,6 +115,15 @@ impl AdapterConfig {
         }
     }
 
+    /// Parse and validate `adapter_config.json` text; `path` names the file in errors. (The fuzz target
+    /// `adapter_config` calls this on arbitrary text.)
+    pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        let config: AdapterConfig =
+            serde_json::from_str(text).map_err(|e| anyhow!("{}: invalid adapter config: {e}", path.display()))?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
     /// Reject what loracomp cannot apply exactly. `path` names the file in errors.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let p = path.display();
@@ -136,8 +145,24 @@ impl AdapterConfig {
         if self.r == 0 {
             bail!("{p}: field 'r' must be positive");
         }
-        if !self.lora_alpha.is_finite() {
-            bail!("{p}: field 'lora_alpha' must be finite");
+        // |scale| ≤ |alpha| since every rank is ≥ 1, so alphas within f32 range give finite f32 scales.
+        let fits = |a: f64| a.is_finite() && a.abs() <= f32::MAX as f64;
+        if !fits(self.lora_alpha) {
+            bail!("{p}: field 'lora_alpha' must be a finite number within f32 range");
+        }
+        let mut keys: Vec<&String> = self.rank_pattern.keys().collect();
+        keys.sort();
+        for k in keys {
+            if self.rank_pattern[k] == 0 {
+                bail!("{p}: field 'rank_pattern': rank of '{k}' must be positive");
+            }
+        }
+        let mut keys: Vec<&String> = self.alpha_pattern.keys().collect();
+        keys.sort();
+        for k in keys {
+            if !fits(self.alpha_pattern[k]) {
+                bail!("{p}: field 'alpha_pattern': alpha of '{k}' must be a finite number within f32 range");
+            }
         }
         for key in ["use_qalora", "use_bdlora"] {
             if self.extra.get(key).and_then(|v| v.as_bool()) == Some(true) {
@@ -194,9 +219,7 @@ impl Adapter {
         }
         let cpath = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&cpath).map_err(|e| anyhow!("cannot read {}: {e}", cpath.display()))?;
-        let config: AdapterConfig =
-            serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid adapter config: {e}", cpath.display()))?;
-        config.validate(&cpath)?;
+        let config = AdapterConfig::parse(&cpath, &text)?;
         let wpath = dir.join(WEIGHTS_FILE);
         if !wpath.exists() {
             bail!("{}: missing (only safetensors adapters are read)", wpath.display());

@@ -25,6 +25,14 @@ impl TextEncoder {
         }
         let mut tok = Tokenizer::from_file(&path).map_err(|e| anyhow!("{}: invalid tokenizer: {e}", path.display()))?;
         tok.with_padding(None);
+        // The tokenizer's truncation panics (a subtraction overflows) when max_len cannot hold the special tokens.
+        let added = tok.get_post_processor().map(|p| tokenizers::PostProcessor::added_tokens(p, true)).unwrap_or(0);
+        if max_len <= added {
+            bail!(
+                "max_len {max_len} (--max-len) leaves no room for text: {} adds {added} special tokens to a text pair",
+                path.display()
+            );
+        }
         tok.with_truncation(Some(TruncationParams {
             max_length: max_len,
             strategy: TruncationStrategy::LongestFirst,

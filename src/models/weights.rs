@@ -31,8 +31,12 @@ impl TensorFile {
     }
 
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| anyhow!("{}: not a valid safetensors file: {e:?}", path.display()))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| {
+            // The first 8 bytes are the header length; show what they claim beside the file size.
+            let claimed = bytes.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes);
+            let claimed = claimed.map(|n| format!(", header length field {n}")).unwrap_or_default();
+            anyhow!("{}: not a valid safetensors file ({} bytes{claimed}): {e:?}", path.display(), bytes.len())
+        })?;
         let mut tensors = BTreeMap::new();
         let mut unusable = BTreeMap::new();
         for (name, view) in st.tensors() {
