@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
+/// Similarity per downstream task and upstream module.
+type Similarity = BTreeMap<String, BTreeMap<String, f64>>;
+
 pub fn mean_std(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let m = v.iter().sum::<f64>() / n.max(1.0);
@@ -130,21 +133,41 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
             writeln!(md, "| {m} | {} |", row.join(" | ")).unwrap();
         }
     }
-    // learned weight vs similarity
-    let pairs = weight_similarity_pairs(out, &main);
-    if !pairs.is_empty() {
-        let rho = spearman(&pairs);
+    // learned weight vs similarity, by two measures
+    let measures: [(&str, &str, &Similarity); 2] = [
+        ("weight_vs_similarity", "cosine of the tasks' mean base-model embeddings", &out.similarity),
+        ("weight_vs_cka", "CKA gain of the module alone with the downstream labels", &out.cka),
+    ];
+    let mut drawn = Vec::new();
+    for (file, what, sims) in measures {
+        let per_task = weight_similarity_pairs(sims, &main);
+        let pairs: Vec<(f64, f64)> = per_task.values().flatten().copied().collect();
+        if pairs.is_empty() {
+            continue;
+        }
+        if drawn.is_empty() {
+            writeln!(
+                md,
+                "\n## Does learned composition favour related modules?\n\nSpearman correlation between an upstream \
+                 module's similarity to the downstream task and its learned weight (mean over layers and seeds at the \
+                 largest shot count), pooled over all (task, module) pairs and within each downstream task.\n\n\
+                 | similarity | pooled ρ | pairs | {} |\n|---|---|---|{}",
+                per_task.keys().map(|t| format!("ρ {t}")).collect::<Vec<_>>().join(" | "),
+                "---|".repeat(per_task.len())
+            )
+            .unwrap();
+        }
         writeln!(
             md,
-            "\n## Does learned composition favour related modules?\n\nSpearman correlation between an upstream task's \
-             similarity to the downstream task (cosine of their mean base-model embeddings) and the learned weight of its \
-             module (mean over layers and seeds at the largest shot count): **ρ = {rho:.3}** over {} (task, module) pairs. \
-             See weight_vs_similarity.png.",
-            pairs.len()
+            "| {what} ({file}.png) | **{:.3}** | {} | {} |",
+            spearman(&pairs),
+            pairs.len(),
+            per_task.values().map(|p| format!("{:.3}", spearman(p))).collect::<Vec<_>>().join(" | ")
         )
         .unwrap();
+        drawn.push((file, what, per_task));
     }
-    writeln!(md, "\n## Plots\n\n- accuracy_vs_shots.png / .svg\n- modules_ablation.png / .svg\n- heatmap_weights.png / .svg\n- weight_vs_similarity.png / .svg").unwrap();
+    writeln!(md, "\n## Plots\n\n- accuracy_vs_shots.png / .svg\n- modules_ablation.png / .svg\n- heatmap_weights.png / .svg\n- weight_vs_similarity.png / .svg, weight_vs_cka.png / .svg").unwrap();
     crate::util::write_atomic(&dir.join("report.md"), md.as_bytes())?;
 
     // plots
@@ -194,8 +217,8 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
             heatmap(dir, c)?;
         }
     }
-    if !pairs.is_empty() {
-        scatter(dir, &pairs)?;
+    for (file, what, per_task) in &drawn {
+        scatter(dir, file, what, per_task)?;
     }
     Ok(())
 }
@@ -205,14 +228,16 @@ fn fmt(v: &[f64]) -> String {
     format!("{m:.1} ± {s:.1}")
 }
 
-/// (similarity, mean learned weight) per (downstream task, upstream module), at each task's largest shot count.
-fn weight_similarity_pairs(out: &SweepOutput, main: &[&Cell]) -> Vec<(f64, f64)> {
-    let mut pairs = Vec::new();
-    for (task, sims) in &out.similarity {
+/// (similarity, mean learned weight) per (downstream task, upstream module), at each task's largest shot count,
+/// grouped by downstream task.
+fn weight_similarity_pairs(sims_by_task: &Similarity, main: &[&Cell]) -> BTreeMap<String, Vec<(f64, f64)>> {
+    let mut out = BTreeMap::new();
+    for (task, sims) in sims_by_task {
         let learned: Vec<&&Cell> =
             main.iter().filter(|c| &c.task == task && c.method == "learned" && !c.weights.is_empty()).collect();
         let Some(top) = learned.iter().map(|c| shot_order(&c.shots)).max() else { continue };
         let cs: Vec<&&&Cell> = learned.iter().filter(|c| shot_order(&c.shots) == top).collect();
+        let mut pairs = Vec::new();
         for (j, name) in cs[0].modules.iter().enumerate() {
             let mut ws = Vec::new();
             for c in &cs {
@@ -224,8 +249,11 @@ fn weight_similarity_pairs(out: &SweepOutput, main: &[&Cell]) -> Vec<(f64, f64)>
                 pairs.push((*s, mean_std(&ws).0));
             }
         }
+        if !pairs.is_empty() {
+            out.insert(task.clone(), pairs);
+        }
     }
-    pairs
+    out
 }
 
 fn ranks(v: &[f64]) -> Vec<f64> {
@@ -442,25 +470,36 @@ fn heatmap(dir: &Path, c: &Cell) -> Result<()> {
     Ok(())
 }
 
-fn scatter(dir: &Path, pairs: &[(f64, f64)]) -> Result<()> {
-    let (xmin, xmax) = pairs.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-    let ymax = pairs.iter().map(|p| p.1).fold(0.0f64, f64::max);
-    render!(dir, "weight_vs_similarity", (700, 500), |root| {
+fn scatter(dir: &Path, file: &str, what: &str, per_task: &BTreeMap<String, Vec<(f64, f64)>>) -> Result<()> {
+    let all = per_task.values().flatten();
+    let (xmin, xmax) = all.clone().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let ymax = all.map(|p| p.1).fold(0.0f64, f64::max);
+    let pad = 0.05 * (xmax - xmin) + 1e-3;
+    render!(dir, file, (700, 500), |root| {
         root.fill(&WHITE).map_err(e)?;
         let mut chart = ChartBuilder::on(&root)
             .caption("Learned weight vs task similarity", ("sans-serif", 20))
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d((xmin - 0.02)..(xmax + 0.02), 0.0..(ymax * 1.1 + 1e-3))
+            .build_cartesian_2d((xmin - pad)..(xmax + pad), 0.0..(ymax * 1.1 + 1e-3))
             .map_err(e)?;
+        chart.configure_mesh().x_desc(what).y_desc("mean learned weight (largest shot count)").draw().map_err(e)?;
+        for (i, (task, pairs)) in per_task.iter().enumerate() {
+            let c = COLORS[i % COLORS.len()];
+            chart
+                .draw_series(pairs.iter().map(|p| Circle::new(*p, 4, c.filled())))
+                .map_err(e)?
+                .label(task.as_str())
+                .legend(move |(x, y)| Circle::new((x + 10, y), 4, c.filled()));
+        }
         chart
-            .configure_mesh()
-            .x_desc("similarity (cosine of mean embeddings)")
-            .y_desc("mean learned weight")
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
             .draw()
             .map_err(e)?;
-        chart.draw_series(pairs.iter().map(|p| Circle::new(*p, 4, COLORS[0].filled()))).map_err(e)?;
     });
     Ok(())
 }

@@ -325,7 +325,10 @@ pub struct SweepOpts {
 /// The state the report and plots are drawn from.
 pub struct SweepOutput {
     pub cells: Vec<Cell>,
+    /// Cosine of mean base-model embeddings, per downstream task and upstream module.
     pub similarity: BTreeMap<String, BTreeMap<String, f64>>,
+    /// CKA gain with the downstream labels (see `similarity.rs`), per downstream task and upstream module.
+    pub cka: BTreeMap<String, BTreeMap<String, f64>>,
     pub bank_names: Vec<String>,
 }
 
@@ -526,7 +529,23 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
             similarity.insert(d.clone(), ups.iter().map(|(u, cu)| (u.clone(), cos(cu, &c))).collect());
         }
     }
-    let output = SweepOutput { cells, similarity, bank_names: cfg.upstream.clone() };
+    // CKA gain of each module alone with each downstream task's labels (up to 32 training examples a class).
+    let mut cka = BTreeMap::new();
+    if cfg.methods.iter().any(|m| m == "learned") && !cfg.upstream.is_empty() {
+        let pb = progress(cfg.downstream.len(), "similarity (CKA)", opts.quiet);
+        for d in &cfg.downstream {
+            let t = Task::open(&cfg.data.join(d))?;
+            let probe = super::similarity::probe_examples(&t.split("train")?, t.labels.len(), 32);
+            let names: Vec<String> = cfg.upstream.iter().filter(|u| !(cfg.exclude_self && *u == d)).cloned().collect();
+            let bank: Vec<Adapter> = names.iter().map(|b| bank_all[b].clone()).collect();
+            let (_, gains) =
+                super::similarity::module_cka_gain(&enc.bert, &enc.tok, &bank, &probe, t.labels.len(), Pooling::Mean)?;
+            cka.insert(d.clone(), names.into_iter().zip(gains).collect());
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+    }
+    let output = SweepOutput { cells, similarity, cka, bank_names: cfg.upstream.clone() };
     super::report::write_all(cfg, &output, out)?;
     let manifest = json!({
         "name": cfg.name,
