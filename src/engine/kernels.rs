@@ -315,8 +315,14 @@ pub fn fast_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    // Round x·log2(e) to the nearest integer (ties to even) by adding 1.5·2²³: the sum's low mantissa bits then
+    // hold n itself. No `round`/`floor` calls, which on baseline x86-64 become libm calls and stop the
+    // surrounding loop from vectorising.
+    const MAGIC: f32 = 12_582_912.0;
     let xc = x.clamp(-87.3, 88.7);
-    let n = (xc * LOG2E).round_ties_even();
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.0 / 720.0f32;
     p = p * r + 1.0 / 120.0;
@@ -326,14 +332,46 @@ pub fn fast_exp(x: f32) -> f32 {
     p = p * r + 1.0;
     p = p * r + 1.0;
     // 2^n in two halves so that n = 128 (x near 88.7) does not overflow the exponent field.
-    let h = (n * 0.5).floor();
-    let s1 = f32::from_bits(((h as i32 + 127) as u32) << 23);
-    let s2 = f32::from_bits((((n - h) as i32 + 127) as u32) << 23);
+    let h = ni >> 1; // ⌊n/2⌋
+    let s1 = f32::from_bits(((h + 127) as u32) << 23);
+    let s2 = f32::from_bits(((ni - h + 127) as u32) << 23);
     let y = p * s1 * s2;
     if x < -87.3 {
         0.0
     } else {
         y
+    }
+}
+
+/// The same algorithm written with `round_ties_even` and `floor`, as a reference for the bit trick.
+#[cfg(test)]
+fn fast_exp_reference(x: f32) -> f32 {
+    let xc = x.clamp(-87.3, 88.7);
+    let n = (xc * std::f32::consts::LOG2_E).round_ties_even();
+    let r = xc - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    let mut p = 1.0 / 720.0f32;
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p * r + c;
+    }
+    let h = (n * 0.5).floor();
+    let y = p * f32::from_bits(((h as i32 + 127) as u32) << 23) * f32::from_bits((((n - h) as i32 + 127) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        y
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn fast_exp_rounding_trick_is_bit_identical_to_round_and_floor() {
+    let mut x = -90.0f32;
+    while x < 90.0 {
+        assert_eq!(fast_exp(x).to_bits(), fast_exp_reference(x).to_bits(), "x = {x}");
+        x += 7.3e-4;
+    }
+    for x in [-87.3f32, 88.7, -0.5 * std::f32::consts::LN_2, 0.5 * std::f32::consts::LN_2, 0.0, -0.0, 1e-30] {
+        assert_eq!(fast_exp(x).to_bits(), fast_exp_reference(x).to_bits(), "x = {x}");
     }
 }
 
