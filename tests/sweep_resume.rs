@@ -120,13 +120,25 @@ fn killed_sweep_resumes_to_the_same_results() {
         }
         child.wait().unwrap();
     }
+    // A lock left by a killed process (a pid that does not run) is taken over.
+    std::fs::write(killed.join(".sweep.lock"), "4194303").unwrap();
     let o = run(&killed);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!killed.join(".sweep.lock").exists(), "the lock is removed when the sweep ends");
     assert!(kills > 0, "the sweep finished before any kill; the test proves nothing");
     assert_eq!(results(&killed), want, "resumed results differ from the uninterrupted run");
     for f in ["report.md", "manifest.json", "accuracy_vs_shots.png", "accuracy_vs_shots.svg", "modules_ablation.png"] {
         assert!(killed.join(f).exists(), "{f}");
     }
+
+    // a directory another running sweep holds is refused (this test's own process stands in for it)
+    let busy = root.join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    std::fs::write(busy.join(".sweep.lock"), std::process::id().to_string()).unwrap();
+    let o = run(&busy);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("another sweep"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!busy.join("results.jsonl").exists());
 
     // another config in the same directory is refused
     std::fs::write(&cfg, config(&root, 4)).unwrap();

@@ -404,6 +404,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let cfg = crate::experiments::sweep::SweepConfig::load(&config)?;
             cfg.check_inputs().map_err(|e| anyhow!("{}: {e:#}", config.display()))?;
             let text = std::fs::read_to_string(&config)?;
+            let _lock = crate::experiments::sweep::SweepLock::take(&out)?;
             let saved = out.join("config.toml");
             // Only results make a directory another config's: a config.toml without any is replaced.
             let has_results = std::fs::metadata(out.join("results.jsonl")).is_ok_and(|m| m.len() > 0);

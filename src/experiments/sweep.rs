@@ -332,10 +332,60 @@ pub struct SweepOutput {
     pub bank_names: Vec<String>,
 }
 
+/// One sweep at a time per output directory: `DIR/.sweep.lock` holds the running sweep's process id, is created
+/// exclusively and removed when the sweep ends. A lock left by a process that no longer runs (killed) is taken over;
+/// one this process already holds is shared (the CLI takes it before touching the directory, then calls [`run`]).
+pub struct SweepLock(Option<PathBuf>);
+
+impl SweepLock {
+    pub fn take(out: &Path) -> Result<Self> {
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+        let path = out.join(".sweep.lock");
+        for _ in 0..2 {
+            match std::fs::File::create_new(&path) {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    write!(f, "{}", std::process::id()).with_context(|| format!("cannot write {}", path.display()))?;
+                    return Ok(SweepLock(Some(path)));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                    let pid: Option<u32> = holder.trim().parse().ok();
+                    if pid == Some(std::process::id()) {
+                        return Ok(SweepLock(None));
+                    }
+                    let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+                    if alive || !Path::new("/proc/self").exists() {
+                        bail!(
+                            "{}: another sweep (process {}) is writing to this directory; wait for it, or delete \
+                             the lock file if that process is gone",
+                            path.display(),
+                            holder.trim()
+                        );
+                    }
+                    // stale: its process was killed; take it over
+                    std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+                }
+                Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
+            }
+        }
+        bail!("{}: could not take the sweep lock", path.display())
+    }
+}
+
+impl Drop for SweepLock {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Run (or resume) a sweep into `out`.
 pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> Result<SweepOutput> {
     let t0 = std::time::Instant::now();
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let _lock = SweepLock::take(out)?;
     let results_path = out.join("results.jsonl");
     let mut cells = read_results(&results_path)?;
     let done: HashSet<String> = cells.iter().map(|c| c.key.clone()).collect();
