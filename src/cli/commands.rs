@@ -4,7 +4,7 @@ use super::{Shots, TrainArgs};
 use crate::data::Task;
 use crate::engine::kernels::Pooling;
 use crate::lora::peft::Adapter;
-use crate::methods::common::{encode_examples, predict, score};
+use crate::methods::common::{check_kind, encode_examples, predict, score};
 use crate::methods::{adapt_encoded, AdaptOpts, Method};
 use crate::models::classifier::Classifier;
 use crate::models::encoder::LoadedModel;
@@ -89,6 +89,7 @@ pub fn train(
     check_out(out, "metrics.json", args.force)?;
     let task = Task::open(&args.task)?;
     let lm = LoadedModel::load(&args.model, args.max_len)?;
+    check_kind(&lm.frontend, task.image.is_some()).map_err(|e| anyhow!("{}: {e}", task.dir.display()))?;
     let pool = task.examples("train")?;
     let (fs, fs_short) = pool.sample_k_shot(task.labels.len(), shots, args.seed);
     let short = report_short(&task, &fs_short, shots);
@@ -194,6 +195,7 @@ pub fn adapt(args: &TrainArgs, a: AdaptCli) -> Result<Value> {
     let task = Task::open(&args.task)?;
     let bank = load_bank(&a.bank, &args.model, args.allow_base_mismatch)?;
     let lm = LoadedModel::load(&args.model, args.max_len)?;
+    check_kind(&lm.frontend, task.image.is_some()).map_err(|e| anyhow!("{}: {e}", task.dir.display()))?;
     let pool = task.examples("train")?;
     let test = encode_examples(&lm.frontend, &task.examples("test")?)?;
     let (fs, fs_short) = pool.sample_k_shot(task.labels.len(), a.shots.0, args.seed);
@@ -294,6 +296,7 @@ pub fn eval(model_dir: &Path, task_dir: &Path, adapter_dir: &Path, split: &str, 
         .map(|p| p.parse::<Pooling>().map_err(|e| anyhow!("{}: {e}", adapter_dir.display())))
         .transpose()?;
     let lm = LoadedModel::load(model_dir, max_len)?;
+    check_kind(&lm.frontend, task.image.is_some()).map_err(|e| anyhow!("{}: {e}", task.dir.display()))?;
     let pooling = pooling.unwrap_or(lm.encoder.default_pooling());
     let pad = lm.pad_id();
     let mut model = Classifier::new(lm.encoder, pooling, task.labels.len(), 0);

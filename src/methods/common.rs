@@ -90,12 +90,19 @@ pub fn encode_examples(front: &Frontend, ex: &Examples) -> Result<Vec<Encoded>> 
             }
             Ok(enc)
         }
-        (Frontend::Text(_), Examples::Images(..)) => {
-            bail!("an image task needs an image model (ViT); this one is a text model")
+        (_, ex) => {
+            check_kind(front, matches!(ex, Examples::Images(..)))?;
+            unreachable!("check_kind refuses every other pairing")
         }
-        (Frontend::Image { .. }, Examples::Text(_)) => {
-            bail!("a text task needs a text model (BERT); this one is an image model")
-        }
+    }
+}
+
+/// Fail unless the front end takes the task's kind of examples (images or text).
+pub fn check_kind(front: &Frontend, image_task: bool) -> Result<()> {
+    match (front, image_task) {
+        (Frontend::Text(_), true) => bail!("an image task needs an image model (ViT); this one is a text model"),
+        (Frontend::Image { .. }, false) => bail!("a text task needs a text model (BERT); this one is an image model"),
+        _ => Ok(()),
     }
 }
 
