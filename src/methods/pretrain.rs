@@ -98,7 +98,7 @@ pub fn pretrain_vit(
     }
     let cfg = config(opts);
     cfg.validate()?;
-    if opts.image_size % opts.patch != 0 {
+    if !opts.image_size.is_multiple_of(opts.patch) {
         bail!("--image-size {} is not a multiple of --patch {}", opts.image_size, opts.patch);
     }
     let pre_json = preprocessor_json(opts.image_size);

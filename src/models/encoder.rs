@@ -61,6 +61,8 @@ impl Input<'_> {
 }
 
 /// A text or image encoder; every linear layer of either is a [`BankLinear`].
+// One encoder per classifier and one front end per loaded model: boxing the larger variant would save nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Encoder {
     Bert(Bert),
@@ -224,6 +226,7 @@ impl LinearHost for Encoder {
 }
 
 /// What turns task examples into encoder input.
+#[allow(clippy::large_enum_variant)]
 pub enum Frontend {
     Text(TextEncoder),
     /// The model's preprocessor and the channel count its patch projection takes.
