@@ -285,3 +285,66 @@ fn tiny_vit_pretrain_bank_adapt_eval_through_the_cli() {
         assert_eq!(e["n"], 9);
     }
 }
+
+#[test]
+fn vit_embedding_gradients_match_finite_differences() {
+    // Pre-training and full fine-tuning train the patch projection, CLS token and position table: their
+    // gradients (backward without the pixel gradient) against central differences of Σ r ⊙ last_hidden.
+    use rand::{Rng, SeedableRng};
+    let mut m = Vit::load(&common::fixture("vit-pretrained")).unwrap();
+    m.set_all_trainable(false);
+    for p in [&mut m.cls, &mut m.pos, &mut m.patch.w] {
+        p.set_trainable(true);
+    }
+    m.patch.bias.as_mut().unwrap().set_trainable(true);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let px = Pixels {
+        batch: 2,
+        channels: 3,
+        height: 16,
+        width: 16,
+        data: (0..2 * 3 * 16 * 16).map(|_| rng.gen_range(-1.0f32..1.0)).collect(),
+    };
+    let n = m.forward(&px).unwrap().len();
+    let r: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let loss = |m: &mut Vit| -> f64 {
+        let h = m.forward(&px).unwrap();
+        h.iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum()
+    };
+    for (_, p) in m.trainable_params_mut() {
+        p.zero_grad();
+    }
+    m.forward(&px).unwrap();
+    m.backward(&r, false).unwrap();
+    let grads: Vec<(String, Vec<f32>)> =
+        m.trainable_params_mut().into_iter().map(|(n, p)| (n, p.grad.clone())).collect();
+    let names: Vec<&str> = grads.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "embeddings.patch_embeddings.projection.weight",
+            "embeddings.patch_embeddings.projection.bias",
+            "embeddings.cls_token",
+            "embeddings.position_embeddings"
+        ]
+    );
+    let eps = 1e-2f32;
+    for (k, (name, g)) in grads.iter().enumerate() {
+        for i in [0, g.len() / 3, g.len() - 1] {
+            let set = |m: &mut Vit, delta: f32| {
+                let p = m.trainable_params_mut().into_iter().nth(k).unwrap().1;
+                p.data[i] += delta;
+                m.patch.invalidate();
+            };
+            set(&mut m, eps);
+            let up = loss(&mut m);
+            set(&mut m, -2.0 * eps);
+            let down = loss(&mut m);
+            set(&mut m, eps);
+            let num = (up - down) / (2.0 * eps as f64);
+            let ana = g[i] as f64;
+            let err = (num - ana).abs() / (1e-2 + num.abs().max(ana.abs()));
+            assert!(err < 2e-2, "{name}[{i}]: numeric {num} analytic {ana}");
+        }
+    }
+}

@@ -7,7 +7,7 @@
 use super::bert::{Batch, Bert};
 use super::image::Preprocessor;
 use super::tokenize::TextEncoder;
-use super::vit::{Pixels, Vit, VitKind};
+use super::vit::{Pixels, Vit};
 use crate::engine::kernels::Pooling;
 use crate::engine::param::Param;
 use crate::lora::bank::BankLinear;
@@ -301,13 +301,5 @@ impl LoadedModel {
             _ => "tokenizer.json",
         };
         vec![dir.join("config.json"), dir.join("model.safetensors"), dir.join(front)]
-    }
-
-    /// Is this a ViT kind (for messages)?
-    pub fn vit_kind(&self) -> Option<VitKind> {
-        match &self.encoder {
-            Encoder::Vit(v) => Some(v.cfg.kind),
-            Encoder::Bert(_) => None,
-        }
     }
 }

@@ -777,7 +777,8 @@ impl Vit {
         let eps = self.cfg.layer_norm_eps as f32;
         let inter = self.cfg.intermediate_size;
         let nl = self.layers.len();
-        if self.ws.pos_grid != (gh, gw) || self.ws.pos.len() != seq * d {
+        // The table is cached per grid; a trainable one changes every step, so it is re-read every pass.
+        if self.ws.pos_grid != (gh, gw) || self.ws.pos.len() != seq * d || self.pos.trainable() {
             self.ws.pos = self.position_embeddings(gh, gw);
             self.ws.pos_grid = (gh, gw);
         }
@@ -890,7 +891,8 @@ impl Vit {
 
     /// Backward from `d_last` (gradient of the last hidden state). Accumulates into trainable parameters only
     /// (frozen weights get none). With `input_grad` it runs down to the pixels ([`Vit::pixel_grad`]); without,
-    /// it stops at the lowest layer that has trainable parameters.
+    /// it stops at the lowest layer that has trainable parameters, or runs into the embeddings when the patch
+    /// projection, CLS token or position table is trainable (pre-training, full fine-tuning).
     pub fn backward(&mut self, d_last: &[f32], input_grad: bool) -> Result<()> {
         let d = self.hidden();
         let inter = self.cfg.intermediate_size;
