@@ -65,7 +65,7 @@ fn uniform_with_one_module_equals_that_module() {
     let mut m3 = classifier();
     // dense: W + s·B·A by hand
     for (path, ml) in &a.modules {
-        let lin = m3.bert.linear_mut(path).unwrap();
+        let lin = m3.bert_mut().linear_mut(path).unwrap();
         for o in 0..ml.dout {
             for i in 0..ml.din {
                 let s: f32 = (0..ml.r).map(|j| ml.b[o * ml.r + j] * ml.a[j * ml.din + i]).sum();
@@ -264,12 +264,12 @@ fn global_weights_stay_tied_and_entropy_penalty_gradient_is_exact() {
         loracomp::engine::kernels::softmax_rows(&mut w, 3);
         -w.iter().map(|x| (*x as f64) * (*x as f64).ln()).sum::<f64>()
     };
-    if let Composition::Learned(p) = &mut m.bert.layers[0].query.comp {
+    if let Composition::Learned(p) = &mut m.bert_mut().layers[0].query.comp {
         p.data = v0.clone();
         p.zero_grad();
     }
     loracomp::methods::learned::hook(false, lam)(&mut m);
-    let Composition::Learned(p) = &m.bert.layers[0].query.comp else { panic!() };
+    let Composition::Learned(p) = &m.bert().layers[0].query.comp else { panic!() };
     for k in 0..3 {
         let (mut vp, mut vm) = (v0.clone(), v0.clone());
         vp[k] += 1e-3;

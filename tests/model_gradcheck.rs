@@ -100,7 +100,7 @@ fn check_all(m: &mut Classifier, eps: f32, tol: f64) -> usize {
 }
 
 fn invalidate_all(m: &mut Classifier) {
-    for layer in &mut m.bert.layers {
+    for layer in &mut m.bert_mut().layers {
         for l in layer.linears_mut() {
             l.invalidate();
         }
@@ -112,7 +112,7 @@ fn invalidate_all(m: &mut Classifier) {
 fn full_finetuning_gradients_match_fd_down_to_embeddings() {
     for act in ["gelu", "gelu_new"] {
         let mut m = model(act, 1);
-        m.bert.set_all_trainable(true);
+        m.bert_mut().set_all_trainable(true);
         let n = check_all(&mut m, 1e-2, 2e-2);
         assert!(n > 150, "checked {n}");
     }
@@ -120,9 +120,9 @@ fn full_finetuning_gradients_match_fd_down_to_embeddings() {
 
 fn attach_bank(m: &mut Classifier, path: BankPath, seed: u64) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let d = m.bert.hidden();
+    let d = m.bert().hidden();
     let ranks = [2usize, 3, 1];
-    for layer in &mut m.bert.layers {
+    for layer in &mut m.bert_mut().layers {
         for lin in [&mut layer.query, &mut layer.value] {
             let bank = ranks
                 .iter()
@@ -176,8 +176,8 @@ fn merged_and_factored_paths_give_the_same_logits_and_gradients() {
 fn fresh_lora_gradients_match_fd() {
     let mut m = model("gelu", 4);
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-    let d = m.bert.hidden();
-    for layer in &mut m.bert.layers {
+    let d = m.bert().hidden();
+    for layer in &mut m.bert_mut().layers {
         for lin in [&mut layer.query, &mut layer.value, &mut layer.inter] {
             let (din, dout, r) = (lin.din, lin.dout, 2);
             let mut a = Param::new(vec![r, din], rand_vec(&mut rng, r * din, 0.5));

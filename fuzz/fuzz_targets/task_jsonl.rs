@@ -10,6 +10,7 @@ fuzz_target!(|data: &[u8]| {
         dir: PathBuf::from("fuzz/task"),
         name: "task".into(),
         labels: ["negative", "positive", "0", "1", "é"].iter().map(|s| s.to_string()).collect(),
+        image: None,
     };
     match task.parse_split(Path::new("fuzz/task/train.jsonl"), data) {
         Ok(ex) => {

@@ -1,13 +1,13 @@
 //! The `train`, `adapt` and `eval` commands.
 
 use super::{Shots, TrainArgs};
-use crate::data::{sample_k_shot, Task};
+use crate::data::Task;
 use crate::engine::kernels::Pooling;
 use crate::lora::peft::Adapter;
-use crate::methods::common::{encode_all, predict, score};
-use crate::methods::{adapt as run_adapt, AdaptOpts, Method};
+use crate::methods::common::{check_kind, encode_examples, predict, score};
+use crate::methods::{adapt_encoded, AdaptOpts, Method};
 use crate::models::classifier::Classifier;
-use crate::models::hf::HfEncoder;
+use crate::models::encoder::LoadedModel;
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ fn check_out(out: &Path, marker: &str, force: bool) -> Result<()> {
     Ok(())
 }
 
-fn opts_from(args: &TrainArgs, method: Method) -> AdaptOpts {
+fn opts_from(args: &TrainArgs, method: Method, lm: &LoadedModel) -> AdaptOpts {
     let mut o = AdaptOpts::defaults(method, args.seed);
     if let Some(s) = args.steps {
         o.loop_opts.steps = s;
@@ -33,7 +33,7 @@ fn opts_from(args: &TrainArgs, method: Method) -> AdaptOpts {
     if let Some(lr) = args.lr_head {
         o.lr_head = lr;
     }
-    o.pooling = args.pooling;
+    o.pooling = args.pooling.unwrap_or(lm.encoder.default_pooling());
     o
 }
 
@@ -88,11 +88,12 @@ pub fn train(
 ) -> Result<Value> {
     check_out(out, "metrics.json", args.force)?;
     let task = Task::open(&args.task)?;
-    let enc = HfEncoder::load(&args.model, args.max_len)?;
-    let pool = task.split("train")?;
-    let fs = sample_k_shot(&pool, task.labels.len(), shots, args.seed);
-    let short = report_short(&task, &fs.short, shots);
-    let mut opts = opts_from(args, Method::Lora);
+    let lm = LoadedModel::load(&args.model, args.max_len)?;
+    check_kind(&lm.frontend, task.image.is_some()).map_err(|e| anyhow!("{}: {e}", task.dir.display()))?;
+    let pool = task.examples("train")?;
+    let (fs, fs_short) = pool.sample_k_shot(task.labels.len(), shots, args.seed);
+    let short = report_short(&task, &fs_short, shots);
+    let mut opts = opts_from(args, Method::Lora, &lm);
     opts.rank = rank;
     opts.alpha = alpha;
     opts.targets = targets.to_vec();
@@ -103,14 +104,14 @@ pub fn train(
         opts.lr_head = 5e-3;
     }
     if args.steps.is_none() {
-        opts.loop_opts.steps = epochs * fs.examples.len().div_ceil(args.batch.max(1));
+        opts.loop_opts.steps = epochs * fs.len().div_ceil(args.batch.max(1));
     }
-    let test = task.split("test")?;
-    let res = run_adapt(&enc.bert, &enc.tok, task.labels.len(), &fs.examples, &test, &[], &opts)?;
+    let train_enc = encode_examples(&lm.frontend, &fs)?;
+    let test = encode_examples(&lm.frontend, &task.examples("test")?)?;
+    let res = adapt_encoded(lm.encoder.clone(), lm.pad_id(), task.labels.len(), &train_enc, &test, &[], &opts)?;
     let mut model = res.model;
-    let valid = task.split("valid")?;
-    let valid_enc = encode_all(&enc.tok, &valid)?;
-    let vp = predict(&mut model, &valid_enc, enc.tok.pad_id, 64)?;
+    let valid_enc = encode_examples(&lm.frontend, &task.examples("valid")?)?;
+    let vp = predict(&mut model, &valid_enc, lm.pad_id(), 64)?;
     let vs = score(&valid_enc.iter().map(|e| e.label).collect::<Vec<_>>(), &vp, task.labels.len());
     let m = meta(&task, opts.pooling, "lora", &args.model, json!({"rank": rank, "alpha": alpha, "targets": targets}));
     // Upstream adapters keep their own rank and alpha (not the exact-export form), as PEFT would save them.
@@ -124,7 +125,7 @@ pub fn train(
         "alpha": alpha,
         "targets": targets,
         "steps": opts.loop_opts.steps,
-        "n_train": fs.examples.len(),
+        "n_train": fs.len(),
         "short_labels": short,
         "valid_accuracy": vs.accuracy,
         "valid_macro_f1": vs.macro_f1,
@@ -150,21 +151,19 @@ fn write_trained_lora(
 ) -> Result<()> {
     use crate::lora::peft::{write_adapter, AdapterConfig, ExportModule};
     let mut modules = std::collections::BTreeMap::new();
-    for (l, layer) in model.bert.layers.iter().enumerate() {
-        for (name, lin) in crate::models::bert::LINEAR_NAMES.iter().zip(layer.linears()) {
-            if let Some(f) = &lin.fresh {
-                modules.insert(
-                    format!("encoder.layer.{l}.{name}"),
-                    ExportModule {
-                        a: f.a.data.clone(),
-                        b: f.b.data.clone(),
-                        r: f.r,
-                        din: lin.din,
-                        dout: lin.dout,
-                        alpha: alpha as f64,
-                    },
-                );
-            }
+    for (path, lin) in model.encoder.linears() {
+        if let Some(f) = &lin.fresh {
+            modules.insert(
+                path,
+                ExportModule {
+                    a: f.a.data.clone(),
+                    b: f.b.data.clone(),
+                    r: f.r,
+                    din: lin.din,
+                    dout: lin.dout,
+                    alpha: alpha as f64,
+                },
+            );
         }
     }
     let cfg = AdapterConfig::new(rank, alpha as f64, targets.to_vec(), Some(base.display().to_string()));
@@ -195,12 +194,13 @@ pub fn adapt(args: &TrainArgs, a: AdaptCli) -> Result<Value> {
     check_out(&a.out, "metrics.json", args.force)?;
     let task = Task::open(&args.task)?;
     let bank = load_bank(&a.bank, &args.model, args.allow_base_mismatch)?;
-    let enc = HfEncoder::load(&args.model, args.max_len)?;
-    let pool = task.split("train")?;
-    let test = task.split("test")?;
-    let fs = sample_k_shot(&pool, task.labels.len(), a.shots.0, args.seed);
-    let short = report_short(&task, &fs.short, a.shots.0);
-    let mut opts = opts_from(args, a.method);
+    let lm = LoadedModel::load(&args.model, args.max_len)?;
+    check_kind(&lm.frontend, task.image.is_some()).map_err(|e| anyhow!("{}: {e}", task.dir.display()))?;
+    let pool = task.examples("train")?;
+    let test = encode_examples(&lm.frontend, &task.examples("test")?)?;
+    let (fs, fs_short) = pool.sample_k_shot(task.labels.len(), a.shots.0, args.seed);
+    let short = report_short(&task, &fs_short, a.shots.0);
+    let mut opts = opts_from(args, a.method, &lm);
     opts.rank = a.rank;
     opts.alpha = a.alpha;
     opts.targets = a.targets.clone();
@@ -210,7 +210,8 @@ pub fn adapt(args: &TrainArgs, a: AdaptCli) -> Result<Value> {
     opts.lorahub_generations = a.lorahub_generations;
     opts.density = a.density;
     opts.drop_p = a.drop_p;
-    let res = run_adapt(&enc.bert, &enc.tok, task.labels.len(), &fs.examples, &test, &bank, &opts)?;
+    let train_enc = encode_examples(&lm.frontend, &fs)?;
+    let res = adapt_encoded(lm.encoder.clone(), lm.pad_id(), task.labels.len(), &train_enc, &test, &bank, &opts)?;
     let bank_names: Vec<String> = res.used_modules.iter().map(|&i| bank[i].dir.display().to_string()).collect();
     let weights: serde_json::Map<String, Value> = res.weights.iter().map(|(p, w)| (p.clone(), json!(w))).collect();
     let m = meta(
@@ -238,7 +239,7 @@ pub fn adapt(args: &TrainArgs, a: AdaptCli) -> Result<Value> {
         "accuracy": res.scores.accuracy,
         "macro_f1": res.scores.macro_f1,
         "n_test": res.scores.n,
-        "n_train": fs.examples.len(),
+        "n_train": fs.len(),
         "short_labels": short,
         "trainable_params": res.trainable_params,
         "train_seconds": res.train_seconds,
@@ -254,17 +255,25 @@ pub fn adapt(args: &TrainArgs, a: AdaptCli) -> Result<Value> {
     Ok(metrics)
 }
 
-/// A fully fine-tuned encoder as a Hugging Face folder (config and tokenizer copied from the base).
+/// A fully fine-tuned encoder as a Hugging Face folder (config, tokenizer or preprocessor copied from the base).
 fn write_full_model(model: &Classifier, base: &Path, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| anyhow!("cannot create {}: {e}", dir.display()))?;
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"] {
+    let files = [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "special_tokens_map.json",
+        "preprocessor_config.json",
+    ];
+    for f in files {
         let src = base.join(f);
         if src.exists() {
             let bytes = std::fs::read(&src).map_err(|e| anyhow!("cannot read {}: {e}", src.display()))?;
             crate::util::write_atomic(&dir.join(f), &bytes)?;
         }
     }
-    crate::models::weights::write_safetensors(&dir.join("model.safetensors"), &model.bert.state_dict(), None)
+    crate::models::weights::write_safetensors(&dir.join("model.safetensors"), &model.encoder.state_dict(), None)
 }
 
 pub fn eval(model_dir: &Path, task_dir: &Path, adapter_dir: &Path, split: &str, max_len: usize) -> Result<Value> {
@@ -285,14 +294,15 @@ pub fn eval(model_dir: &Path, task_dir: &Path, adapter_dir: &Path, split: &str, 
         .and_then(|m| m.get("pooling"))
         .and_then(|p| p.as_str())
         .map(|p| p.parse::<Pooling>().map_err(|e| anyhow!("{}: {e}", adapter_dir.display())))
-        .transpose()?
-        .unwrap_or(Pooling::Mean);
-    let enc = HfEncoder::load(model_dir, max_len)?;
-    let mut model = Classifier::new(enc.bert.clone(), pooling, task.labels.len(), 0);
+        .transpose()?;
+    let lm = LoadedModel::load(model_dir, max_len)?;
+    check_kind(&lm.frontend, task.image.is_some()).map_err(|e| anyhow!("{}: {e}", task.dir.display()))?;
+    let pooling = pooling.unwrap_or(lm.encoder.default_pooling());
+    let pad = lm.pad_id();
+    let mut model = Classifier::new(lm.encoder, pooling, task.labels.len(), 0);
     crate::methods::bank::apply_adapter(&mut model, &adapter, task.labels.len())?;
-    let data = task.split(split)?;
-    let e = encode_all(&enc.tok, &data)?;
-    let pred = predict(&mut model, &e, enc.tok.pad_id, 64)?;
+    let e = encode_examples(&lm.frontend, &task.examples(split)?)?;
+    let pred = predict(&mut model, &e, pad, 64)?;
     let s = score(&e.iter().map(|x| x.label).collect::<Vec<_>>(), &pred, task.labels.len());
     Ok(json!({"task": task.name, "split": split, "adapter": adapter_dir.display().to_string(),
               "accuracy": s.accuracy, "macro_f1": s.macro_f1, "n": s.n}))
@@ -321,15 +331,16 @@ pub fn compose(
     let Some((shape, hw, hb)) = &src.head else {
         bail!("{}: has no classifier head to carry over (--head-from)", src.dir.display());
     };
-    let bert = crate::models::bert::Bert::load(model_dir)?;
+    let encoder = LoadedModel::load(model_dir, crate::models::hf::DEFAULT_MAX_LEN)?.encoder;
+    let default_pooling = encoder.default_pooling();
     let pooling = src
         .meta
         .as_ref()
         .and_then(|m| m.get("pooling"))
         .and_then(|p| p.as_str())
         .and_then(|p| p.parse::<Pooling>().ok())
-        .unwrap_or(Pooling::Mean);
-    let mut model = Classifier::new(bert, pooling, shape[0], 0);
+        .unwrap_or(default_pooling);
+    let mut model = Classifier::new(encoder, pooling, shape[0], 0);
     crate::methods::bank::attach_bank(&mut model, &bank, |_, _| crate::lora::bank::Composition::Fixed(w.clone()))?;
     model.head.w.data.copy_from_slice(hw);
     if let Some(b) = model.head.bias.as_mut() {

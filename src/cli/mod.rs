@@ -61,10 +61,11 @@ fn positive(s: &str) -> std::result::Result<usize, String> {
 /// Options shared by `train` and `adapt`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
-    /// Hugging Face model directory.
+    /// Hugging Face model directory (BERT with tokenizer.json, or ViT / DINOv2 with preprocessor_config.json).
     #[arg(long)]
     pub model: PathBuf,
-    /// Task directory (labels.txt, train/valid/test.jsonl).
+    /// Task directory: text (labels.txt, train/valid/test.jsonl) or image (labels.txt, image.json,
+    /// train/valid/test.bin).
     #[arg(long)]
     pub task: PathBuf,
     #[arg(long, default_value_t = 0)]
@@ -82,8 +83,9 @@ pub struct TrainArgs {
     pub lr_head: Option<f32>,
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f32,
-    #[arg(long, default_value = "mean")]
-    pub pooling: Pooling,
+    /// Pooling of the encoder's output: mean or cls (default: mean for BERT, cls for ViT).
+    #[arg(long)]
+    pub pooling: Option<Pooling>,
     #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
     pub max_len: usize,
     /// Replace existing results in the output directory.
@@ -233,6 +235,62 @@ pub enum Cmd {
         /// Apply adapters whose base_model_name_or_path names another model.
         #[arg(long)]
         allow_base_mismatch: bool,
+    },
+    /// Phase 1 where no pre-trained model is at hand: train a small ViT from scratch (CLS pooling, a head) on
+    /// image tasks and write it as a Hugging Face ViTModel directory.
+    Pretrain {
+        /// Architecture (only vit).
+        #[arg(long, default_value = "vit", value_parser = ["vit"])]
+        arch: String,
+        /// Image task directories; several are trained on as one task over the union of their labels.
+        #[arg(long, num_args = 1.., required = true)]
+        task: Vec<PathBuf>,
+        /// Output model directory.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 128, value_parser = positive)]
+        hidden: usize,
+        #[arg(long, default_value_t = 4, value_parser = positive)]
+        layers: usize,
+        #[arg(long, default_value_t = 4, value_parser = positive)]
+        heads: usize,
+        /// MLP width.
+        #[arg(long, default_value_t = 256, value_parser = positive)]
+        mlp: usize,
+        #[arg(long, default_value_t = 4, value_parser = positive)]
+        patch: usize,
+        /// Square input size the preprocessor resizes every image to.
+        #[arg(long, default_value_t = 32, value_parser = positive)]
+        image_size: usize,
+        /// Optimisation steps (default: from --epochs).
+        #[arg(long)]
+        steps: Option<usize>,
+        #[arg(long, default_value_t = 4)]
+        epochs: usize,
+        #[arg(long, default_value_t = 32, value_parser = positive)]
+        batch: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f32,
+        #[arg(long, default_value_t = 0.05)]
+        weight_decay: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Replace a model already in --out.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Build the vision suites' image task directories (CIFAR-10 pre-training and class subsets, MNIST, one
+    /// task per Omniglot alphabet) from the shared data, with seeded per-class splits.
+    VisionTasks {
+        /// The shared vision data (cifar10/, mnist/, omniglot/).
+        #[arg(long, default_value = "../shared/data/vision")]
+        data: PathBuf,
+        #[arg(long, default_value = "tasks/vision")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Run (or resume) an experiment sweep from a TOML config: bank, few-shot cells, report, plots, manifest.
     Sweep {
@@ -425,6 +483,62 @@ pub fn run(cli: Cli) -> Result<()> {
             let opts = crate::experiments::sweep::SweepOpts { quiet, threads: rayon::current_num_threads() };
             let res = crate::experiments::sweep::run(&cfg, &text, &out, &opts)?;
             println!("{} cells; report: {}", res.cells.len(), out.join("report.md").display());
+        }
+        Cmd::Pretrain {
+            arch: _,
+            task,
+            out,
+            hidden,
+            layers,
+            heads,
+            mlp,
+            patch,
+            image_size,
+            steps,
+            epochs,
+            batch,
+            lr,
+            weight_decay,
+            seed,
+            force,
+            quiet,
+        } => {
+            if out.join("model.safetensors").exists() && !force {
+                bail!("{}: already holds a model; pass --force to replace it", out.display());
+            }
+            let tasks: Vec<crate::data::Task> =
+                task.iter().map(|t| crate::data::Task::open(t)).collect::<Result<_>>()?;
+            let n_train: usize =
+                tasks.iter().map(|t| t.image_split("train").map(|v| v.len())).collect::<Result<Vec<_>>>()?.iter().sum();
+            let steps = steps.unwrap_or(epochs * n_train.div_ceil(batch));
+            let opts = crate::methods::pretrain::PretrainOpts {
+                hidden,
+                layers,
+                heads,
+                mlp,
+                patch,
+                image_size,
+                steps,
+                batch,
+                lr,
+                weight_decay,
+                seed,
+            };
+            let every = (steps / 20).max(1);
+            let (mut sum, mut n) = (0.0f32, 0usize);
+            let m = crate::methods::pretrain::pretrain_vit(&tasks, &opts, &out, |t, loss| {
+                sum += loss;
+                n += 1;
+                if !quiet && ((t + 1) % every == 0 || t + 1 == steps) {
+                    eprintln!("step {}/{steps}: mean loss {:.4}", t + 1, sum / n as f32);
+                    (sum, n) = (0.0, 0);
+                }
+            })?;
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        }
+        Cmd::VisionTasks { data, out, seed } => {
+            let m = crate::data::vision::build_tasks(&data, &out, seed)?;
+            println!("{}", serde_json::to_string_pretty(&m)?);
         }
         Cmd::Demo { out, quiet } => {
             let report = crate::experiments::demo::run(&out, quiet)?;

@@ -1,20 +1,130 @@
 //! Task directories and few-shot sampling.
 //!
-//! A task is a directory with `labels.txt` (one label a line) and `train.jsonl`, `valid.jsonl`, `test.jsonl`
-//! (`{"text": STR, "label": STR}`, plus `"text_pair": STR` for pair tasks).
+//! A text task is a directory with `labels.txt` (one label a line) and `train.jsonl`, `valid.jsonl`,
+//! `test.jsonl` (`{"text": STR, "label": STR}`, plus `"text_pair": STR` for pair tasks).
+//!
+//! An image task has `labels.txt`, `image.json` (`{"channels": C, "height": H, "width": W}`) and `train.bin`,
+//! `valid.bin`, `test.bin`: records of a little-endian u16 label index (into labels.txt) followed by the
+//! image's C·H·W bytes (0–255), channel planes one after another, each row-major; no header. `image.json`
+//! marks the directory as an image task. [`vision`] reads the shared CIFAR-10 / Omniglot / MNIST files and
+//! builds such directories.
+
+pub mod vision;
 
 use anyhow::{anyhow, bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-/// One labelled example.
+/// One labelled text example.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Example {
     pub text: String,
     pub pair: Option<String>,
     pub label: usize,
+}
+
+/// One labelled image: `channels·height·width` bytes in the task's [`ImageShape`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageExample {
+    pub pixels: Arc<Vec<u8>>,
+    pub label: usize,
+}
+
+/// Anything with a class index (what few-shot sampling needs).
+pub trait Labelled {
+    fn label(&self) -> usize;
+}
+
+impl Labelled for Example {
+    fn label(&self) -> usize {
+        self.label
+    }
+}
+
+impl Labelled for ImageExample {
+    fn label(&self) -> usize {
+        self.label
+    }
+}
+
+/// Image size of an image task (`image.json`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageShape {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl ImageShape {
+    pub fn pixels(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    /// Bytes of one record: u16 label + pixels.
+    pub fn record(&self) -> usize {
+        2 + self.pixels()
+    }
+
+    /// Read and check `image.json`; errors name the file and the key.
+    pub fn from_file(p: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let s: ImageShape = serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", p.display()))?;
+        for (k, v) in [("channels", s.channels), ("height", s.height), ("width", s.width)] {
+            if v == 0 || v > 4096 {
+                bail!("{}: key '{k}' must be between 1 and 4096, got {v}", p.display());
+            }
+        }
+        if s.channels != 1 && s.channels != 3 {
+            bail!("{}: key 'channels' must be 1 (grey) or 3 (RGB), got {}", p.display(), s.channels);
+        }
+        Ok(s)
+    }
+}
+
+/// A split's examples: text or images.
+#[derive(Clone, Debug)]
+pub enum Examples {
+    Text(Vec<Example>),
+    Images(ImageShape, Vec<ImageExample>),
+}
+
+impl Examples {
+    pub fn len(&self) -> usize {
+        match self {
+            Examples::Text(v) => v.len(),
+            Examples::Images(_, v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first `n` examples.
+    pub fn take(&self, n: usize) -> Examples {
+        match self {
+            Examples::Text(v) => Examples::Text(v.iter().take(n).cloned().collect()),
+            Examples::Images(s, v) => Examples::Images(*s, v.iter().take(n).cloned().collect()),
+        }
+    }
+
+    /// K examples per class (see [`sample_k_shot`]); returns the sample and the short classes.
+    pub fn sample_k_shot(&self, classes: usize, k: Option<usize>, seed: u64) -> (Examples, Vec<(usize, usize)>) {
+        match self {
+            Examples::Text(v) => {
+                let fs = sample_k_shot(v, classes, k, seed);
+                (Examples::Text(fs.examples), fs.short)
+            }
+            Examples::Images(s, v) => {
+                let fs = sample_k_shot(v, classes, k, seed);
+                (Examples::Images(*s, fs.examples), fs.short)
+            }
+        }
+    }
 }
 
 /// A task: its label names and its splits (loaded on demand).
@@ -23,6 +133,8 @@ pub struct Task {
     pub dir: PathBuf,
     pub name: String,
     pub labels: Vec<String>,
+    /// `Some` for an image task (`image.json` present).
+    pub image: Option<ImageShape>,
 }
 
 impl Task {
@@ -43,7 +155,72 @@ impl Task {
             }
         }
         let name = dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-        Ok(Task { dir: dir.to_path_buf(), name, labels })
+        let ij = dir.join("image.json");
+        let image = if ij.exists() { Some(ImageShape::from_file(&ij)?) } else { None };
+        Ok(Task { dir: dir.to_path_buf(), name, labels, image })
+    }
+
+    /// The files that hold the task (hashed by sweeps).
+    pub fn files(&self) -> Vec<PathBuf> {
+        let names: &[&str] = if self.image.is_some() {
+            &["labels.txt", "image.json", "train.bin", "valid.bin", "test.bin"]
+        } else {
+            &["labels.txt", "train.jsonl", "valid.jsonl", "test.jsonl"]
+        };
+        names.iter().map(|f| self.dir.join(f)).collect()
+    }
+
+    /// Read `split` of a text or an image task.
+    pub fn examples(&self, split: &str) -> Result<Examples> {
+        match self.image {
+            Some(shape) => Ok(Examples::Images(shape, self.image_split(split)?)),
+            None => Ok(Examples::Text(self.split(split)?)),
+        }
+    }
+
+    /// Read `split` of an image task (`{split}.bin`). Errors name the file, the record and the field.
+    pub fn image_split(&self, split: &str) -> Result<Vec<ImageExample>> {
+        let Some(shape) = self.image else {
+            bail!("{}: not an image task (no image.json)", self.dir.display());
+        };
+        let p = self.dir.join(format!("{split}.bin"));
+        let bytes = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        self.parse_image_split(&p, shape, &bytes)
+    }
+
+    /// Parse image records; `p` names the file in errors.
+    pub fn parse_image_split(&self, p: &Path, shape: ImageShape, bytes: &[u8]) -> Result<Vec<ImageExample>> {
+        let rec = shape.record();
+        if bytes.is_empty() {
+            bail!("{}: the split is empty", p.display());
+        }
+        if !bytes.len().is_multiple_of(rec) {
+            bail!(
+                "{}: {} bytes is not a whole number of {rec}-byte records (u16 label + {}x{}x{} pixels, from image.json)",
+                p.display(),
+                bytes.len(),
+                shape.channels,
+                shape.height,
+                shape.width
+            );
+        }
+        bytes
+            .chunks(rec)
+            .enumerate()
+            .map(|(i, r)| {
+                let label = u16::from_le_bytes([r[0], r[1]]) as usize;
+                if label >= self.labels.len() {
+                    bail!(
+                        "{}: record {}: field 'label' is {label}, but {}/labels.txt has {} labels",
+                        p.display(),
+                        i + 1,
+                        self.dir.display(),
+                        self.labels.len()
+                    );
+                }
+                Ok(ImageExample { pixels: Arc::new(r[2..].to_vec()), label })
+            })
+            .collect()
     }
 
     /// Read `split` (`train`, `valid` or `test`). Errors name the file, the line and the field.
@@ -95,19 +272,19 @@ impl Task {
 
 /// Result of few-shot sampling.
 #[derive(Clone, Debug)]
-pub struct FewShot {
-    pub examples: Vec<Example>,
+pub struct FewShot<T = Example> {
+    pub examples: Vec<T>,
     /// Labels with fewer than K training examples: (label index, how many were available).
     pub short: Vec<(usize, usize)>,
 }
 
 /// K examples per class drawn from `pool` with `seed` (`None` = all). A class with fewer than K examples
 /// contributes all it has, and is reported in `short` (absent classes contribute none).
-pub fn sample_k_shot(pool: &[Example], classes: usize, k: Option<usize>, seed: u64) -> FewShot {
+pub fn sample_k_shot<T: Clone + Labelled>(pool: &[T], classes: usize, k: Option<usize>, seed: u64) -> FewShot<T> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut by_class: Vec<Vec<&Example>> = vec![Vec::new(); classes];
+    let mut by_class: Vec<Vec<&T>> = vec![Vec::new(); classes];
     for e in pool {
-        by_class[e.label].push(e);
+        by_class[e.label()].push(e);
     }
     let mut examples = Vec::new();
     let mut short = Vec::new();

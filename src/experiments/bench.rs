@@ -128,9 +128,9 @@ pub fn setup(workload: &str, mode: &str, n: usize, seed: u64) -> Result<Classifi
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     match mode {
         "forward" => {}
-        "full" => m.bert.set_all_trainable(true),
+        "full" => m.encoder.set_all_trainable(true),
         "lora" | "uniform" | "learned" => {
-            for layer in &mut m.bert.layers {
+            for layer in &mut m.bert_mut().layers {
                 for lin in [&mut layer.query, &mut layer.value] {
                     let (din, dout) = (lin.din, lin.dout);
                     match mode {

@@ -118,7 +118,7 @@ pub fn run(out: &Path, quiet: bool) -> Result<String> {
     opts.lr_head = 1e-2;
     let base = Bert::random(config(), 7)?;
     let pre = adapt(&base, &tok, 12, &pre_train, &pre_test, &[], &opts)?;
-    let bert = pre.model.bert.clone();
+    let bert = pre.model.bert().clone();
     say(&format!("  pre-training accuracy {:.1}%", pre.scores.accuracy * 100.0));
     crate::models::weights::write_safetensors(&model_dir.join("model.safetensors"), &bert.state_dict(), None)?;
     crate::util::write_atomic(&model_dir.join("config.json"), serde_json::to_string_pretty(&config())?.as_bytes())?;

@@ -8,15 +8,13 @@
 //!   features already separate the downstream classes. Subtracting the base model's value makes the measure
 //!   comparable across downstream tasks.
 
-use crate::data::{sample_k_shot, Example};
 use crate::engine::kernels::Pooling;
 use crate::lora::bank::Composition;
 use crate::lora::peft::Adapter;
 use crate::methods::bank::attach_bank;
-use crate::methods::common::{encode_all, features};
-use crate::models::bert::Bert;
+use crate::methods::common::{features, Encoded};
 use crate::models::classifier::Classifier;
-use crate::models::tokenize::TextEncoder;
+use crate::models::encoder::Encoder;
 use anyhow::Result;
 
 /// Linear CKA between `x` `[n, dx]` and `y` `[n, dy]` (rows are the same examples):
@@ -68,39 +66,33 @@ pub fn one_hot(labels: &[usize], classes: usize) -> Vec<f32> {
     y
 }
 
-/// The downstream examples the CKA is measured on: up to `per_class` training examples of each class (seed 0).
-pub fn probe_examples(train: &[Example], classes: usize, per_class: usize) -> Vec<Example> {
-    sample_k_shot(train, classes, Some(per_class), 0).examples
-}
-
-/// CKA gain of each bank module for the downstream examples: CKA(features under base + ΔW_n, labels) −
-/// CKA(base features, labels). Returns (base CKA, gain per module in bank order).
+/// CKA gain of each bank module for the (encoded) downstream examples: CKA(features under base + ΔW_n, labels)
+/// − CKA(base features, labels). Returns (base CKA, gain per module in bank order).
 pub fn module_cka_gain(
-    bert: &Bert,
-    tok: &TextEncoder,
+    encoder: &Encoder,
+    pad_id: u32,
     bank: &[Adapter],
-    examples: &[Example],
+    examples: &[Encoded],
     classes: usize,
     pooling: Pooling,
 ) -> Result<(f64, Vec<f64>)> {
-    let enc = encode_all(tok, examples)?;
     let labels: Vec<usize> = examples.iter().map(|e| e.label).collect();
     let y = one_hot(&labels, classes);
-    let n = enc.len();
-    let mut model = Classifier::new(bert.clone(), pooling, classes, 0);
-    let d = model.bert.hidden();
-    let base = linear_cka(&features(&mut model, &enc, tok.pad_id, 64)?, &y, n, d, classes);
+    let n = examples.len();
+    let mut model = Classifier::new(encoder.clone(), pooling, classes, 0);
+    let d = model.encoder.hidden();
+    let base = linear_cka(&features(&mut model, examples, pad_id, 64)?, &y, n, d, classes);
     let paths = attach_bank(&mut model, bank, |_, n| Composition::Fixed(vec![0.0; n]))?;
     let mut gains = Vec::with_capacity(bank.len());
     for m in 0..bank.len() {
         for p in &paths {
-            let lin = model.bert.linear_mut(p).expect("attached path exists");
+            let lin = model.encoder.linear_mut(p).expect("attached path exists");
             let mut w = vec![0.0f32; bank.len()];
             w[m] = 1.0;
             lin.comp = Composition::Fixed(w);
             lin.invalidate();
         }
-        let f = features(&mut model, &enc, tok.pad_id, 64)?;
+        let f = features(&mut model, examples, pad_id, 64)?;
         gains.push(linear_cka(&f, &y, n, d, classes) - base);
     }
     Ok((base, gains))

@@ -5,11 +5,12 @@
 
 use crate::cli::commands;
 use crate::cli::TrainArgs;
-use crate::data::{sample_k_shot, Example, Task};
+use crate::data::{Examples, Task};
 use crate::engine::kernels::Pooling;
 use crate::lora::peft::Adapter;
-use crate::methods::{adapt, AdaptOpts, Method};
-use crate::models::hf::HfEncoder;
+use crate::methods::common::{embed_examples, encode_examples, Encoded};
+use crate::methods::{adapt_encoded, AdaptOpts, Method};
+use crate::models::encoder::LoadedModel;
 use anyhow::{anyhow, bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -197,8 +198,7 @@ impl SweepConfig {
     /// readable), before anything is written: a typo must not leave a half-made output directory behind.
     /// Errors name the field.
     pub fn check_inputs(&self) -> Result<()> {
-        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-            let p = self.model.join(f);
+        for p in LoadedModel::files(&self.model) {
             if !p.is_file() {
                 bail!("field 'model': {} not found", p.display());
             }
@@ -313,7 +313,12 @@ fn sha256_files(paths: &[PathBuf]) -> Result<String> {
 }
 
 fn task_files(dir: &Path) -> Vec<PathBuf> {
-    ["labels.txt", "train.jsonl", "valid.jsonl", "test.jsonl"].iter().map(|f| dir.join(f)).collect()
+    let names: &[&str] = if dir.join("image.json").exists() {
+        &["labels.txt", "image.json", "train.bin", "valid.bin", "test.bin"]
+    } else {
+        &["labels.txt", "train.jsonl", "valid.jsonl", "test.jsonl"]
+    };
+    names.iter().map(|f| dir.join(f)).collect()
 }
 
 /// Sweep progress and options.
@@ -394,8 +399,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
             eprintln!("{s}");
         }
     };
-    let model_files =
-        vec![cfg.model.join("config.json"), cfg.model.join("model.safetensors"), cfg.model.join("tokenizer.json")];
+    let model_files = LoadedModel::files(&cfg.model);
     let model_hash = sha256_files(&model_files)?;
     let mut input_hashes = BTreeMap::new();
     input_hashes.insert("model".to_string(), model_hash.clone());
@@ -425,7 +429,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
                 lr: None,
                 lr_head: None,
                 weight_decay: 0.0,
-                pooling: Pooling::Mean,
+                pooling: None,
                 max_len: cfg.adapt.max_len,
                 force: true,
                 allow_base_mismatch: false,
@@ -442,7 +446,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
         bank_dirs.iter().map(|(k, d)| Ok((k.clone(), Adapter::load(d)?))).collect::<Result<_>>()?;
 
     // Phase 3: cells.
-    let mut enc = HfEncoder::load(&cfg.model, cfg.adapt.max_len)?;
+    let mut lm = LoadedModel::load(&cfg.model, cfg.adapt.max_len)?;
     let mut plan: Vec<(String, String, String, ShotSpec, u64, Vec<String>)> = Vec::new();
     for task in &cfg.downstream {
         let bank_for: Vec<String> =
@@ -495,22 +499,23 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
     }
     let todo: Vec<_> = plan.into_iter().filter(|p| !done.contains(&p.0)).collect();
     log(&format!("sweep '{}': {} cells to run ({} already done)", cfg.name, todo.len(), done.len()));
-    let mut tasks: HashMap<String, (Task, Vec<Example>, Vec<Example>)> = HashMap::new();
+    let mut tasks: HashMap<String, (Task, Examples, Vec<Encoded>)> = HashMap::new();
     let pb = progress(todo.len(), "cells", opts.quiet);
     for (key, task_name, method, k, seed, bank_names) in todo {
         pb.set_message(format!("{task_name} {method} {k}-shot seed {seed}"));
         if !tasks.contains_key(&task_name) {
             let t = Task::open(&cfg.data.join(&task_name))?;
             input_hashes.insert(format!("task:{task_name}"), sha256_files(&task_files(&t.dir))?);
-            let (tr, te) = (t.split("train")?, t.split("test")?);
+            let (tr, te) = (t.examples("train")?, encode_examples(&lm.frontend, &t.examples("test")?)?);
             tasks.insert(task_name.clone(), (t, tr, te));
         }
         let (task, train, test) = &tasks[&task_name];
         let m: Method = method.parse().map_err(|e: String| anyhow!(e))?;
-        let fs = sample_k_shot(train, task.labels.len(), k.0, seed);
+        let fs = encode_examples(&lm.frontend, &train.sample_k_shot(task.labels.len(), k.0, seed).0)?;
         let bank: Vec<Adapter> =
             if m.needs_bank() { bank_names.iter().map(|b| bank_all[b].clone()).collect() } else { Vec::new() };
         let mut o = AdaptOpts::defaults(m, seed);
+        o.pooling = lm.encoder.default_pooling();
         o.loop_opts.steps = cfg.adapt.steps;
         o.loop_opts.batch = cfg.adapt.batch;
         o.rank = cfg.adapt.lora_rank;
@@ -525,7 +530,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
         if kind == "retrieval" {
             o.select = key.split('|').nth(3).and_then(|s| s.parse().ok());
         }
-        let r = adapt(&enc.bert, &enc.tok, task.labels.len(), &fs.examples, test, &bank, &o)?;
+        let r = adapt_encoded(lm.encoder.clone(), lm.pad_id(), task.labels.len(), &fs, test, &bank, &o)?;
         let used: Vec<String> = r.used_modules.iter().map(|&i| bank_names[i].clone()).collect();
         let cell = Cell {
             key,
@@ -550,11 +555,10 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
 
     // Similarity of each upstream task to each downstream task: cosine of their mean base-model embeddings.
     let mut similarity = BTreeMap::new();
-    let centroid = |enc: &mut HfEncoder, dir: &Path| -> Result<Vec<f32>> {
+    let centroid = |lm: &mut LoadedModel, dir: &Path| -> Result<Vec<f32>> {
         let t = Task::open(dir)?;
-        let ex = t.split("train")?;
-        let texts: Vec<String> = ex.iter().take(128).map(|e| e.text.clone()).collect();
-        let e = enc.embed(&texts, Pooling::Mean, true, 64)?;
+        let ex = t.examples("train")?.take(128);
+        let e = embed_examples(lm, &ex, Pooling::Mean, true, 64)?;
         let d = e[0].len();
         let mut c = vec![0.0f32; d];
         for v in &e {
@@ -572,10 +576,10 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
         let ups: Vec<(String, Vec<f32>)> = cfg
             .upstream
             .iter()
-            .map(|u| Ok((u.clone(), centroid(&mut enc, &cfg.data.join(u))?)))
+            .map(|u| Ok((u.clone(), centroid(&mut lm, &cfg.data.join(u))?)))
             .collect::<Result<_>>()?;
         for d in &cfg.downstream {
-            let c = centroid(&mut enc, &cfg.data.join(d))?;
+            let c = centroid(&mut lm, &cfg.data.join(d))?;
             similarity.insert(d.clone(), ups.iter().map(|(u, cu)| (u.clone(), cos(cu, &c))).collect());
         }
     }
@@ -585,11 +589,13 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
         let pb = progress(cfg.downstream.len(), "similarity (CKA)", opts.quiet);
         for d in &cfg.downstream {
             let t = Task::open(&cfg.data.join(d))?;
-            let probe = super::similarity::probe_examples(&t.split("train")?, t.labels.len(), 32);
+            let classes = t.labels.len();
+            let probe = encode_examples(&lm.frontend, &t.examples("train")?.sample_k_shot(classes, Some(32), 0).0)?;
             let names: Vec<String> = cfg.upstream.iter().filter(|u| !(cfg.exclude_self && *u == d)).cloned().collect();
             let bank: Vec<Adapter> = names.iter().map(|b| bank_all[b].clone()).collect();
+            let pooling = lm.encoder.default_pooling();
             let (_, gains) =
-                super::similarity::module_cka_gain(&enc.bert, &enc.tok, &bank, &probe, t.labels.len(), Pooling::Mean)?;
+                super::similarity::module_cka_gain(&lm.encoder, lm.pad_id(), &bank, &probe, classes, pooling)?;
             cka.insert(d.clone(), names.into_iter().zip(gains).collect());
             pb.inc(1);
         }

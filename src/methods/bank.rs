@@ -16,7 +16,7 @@ pub fn attach_bank(
     bank: &[Adapter],
     comp: impl FnMut(&str, usize) -> Composition,
 ) -> Result<Vec<String>> {
-    attach_adapters(&mut model.bert, bank, comp)
+    attach_adapters(&mut model.encoder, bank, comp)
 }
 
 /// Uniform weights 1/N.
@@ -42,11 +42,11 @@ pub fn attach_fresh_lora(
 ) -> Result<Vec<String>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x4C6F_5241);
     let mut used = Vec::new();
-    for path in model.bert.linear_paths() {
+    for path in model.encoder.linear_paths() {
         if !targets.iter().any(|t| path == *t || path.ends_with(&format!(".{t}"))) {
             continue;
         }
-        let lin = model.bert.linear_mut(&path).unwrap();
+        let lin = model.encoder.linear_mut(&path).unwrap();
         let bound = 1.0 / (lin.din as f32).sqrt();
         let mut a = Param::new(vec![r, lin.din], (0..r * lin.din).map(|_| rng.gen_range(-bound..bound)).collect());
         let mut b = Param::zeros(vec![lin.dout, r]);
@@ -68,12 +68,12 @@ pub fn apply_adapter(model: &mut Classifier, adapter: &Adapter, classes: usize) 
     let Some((shape, w, b)) = &adapter.head else {
         bail!("{}: the adapter has no classifier head (modules_to_save 'classifier')", adapter.dir.display());
     };
-    if shape[0] != classes || shape[1] != model.bert.hidden() {
+    if shape[0] != classes || shape[1] != model.encoder.hidden() {
         bail!(
             "{}: classifier head is {:?} but the task has {classes} labels and the model {} features",
             adapter.dir.display(),
             shape,
-            model.bert.hidden()
+            model.encoder.hidden()
         );
     }
     model.head.w.data.copy_from_slice(w);

@@ -1,37 +1,167 @@
-//! Pieces every method shares: tokenised examples, mini-batches, evaluation, training loops.
+//! Pieces every method shares: encoded examples (token ids or preprocessed pixels), mini-batches, evaluation,
+//! training loops.
 
 use super::step::{invalidate, train_step, GradHook};
-use crate::data::Example;
-use crate::engine::kernels::{pool_forward, softmax_cross_entropy};
+use crate::data::{Example, Examples};
+use crate::engine::kernels::{pool_forward, softmax_cross_entropy, Pooling};
 use crate::engine::param::AdamW;
-use crate::models::bert::Batch;
 use crate::models::classifier::Classifier;
+use crate::models::encoder::{Frontend, InputBatch, LoadedModel};
 use crate::models::tokenize::{pad_batch, TextEncoder};
-use anyhow::Result;
+use crate::models::vit::Pixels;
+use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
+use std::sync::Arc;
+
+/// What an encoded example holds for the model.
+#[derive(Clone, Debug)]
+pub enum Item {
+    /// Token ids and token types (BERT).
+    Tokens { ids: Vec<u32>, types: Vec<u32> },
+    /// A preprocessed image `[channels, height, width]` (ViT `pixel_values` of one example).
+    Pixels { c: usize, h: usize, w: usize, data: Arc<Vec<f32>> },
+}
 
 /// An example ready for the model.
 #[derive(Clone, Debug)]
 pub struct Encoded {
-    pub ids: Vec<u32>,
-    pub types: Vec<u32>,
+    pub item: Item,
     pub label: usize,
+}
+
+impl Encoded {
+    /// Sequence length (tokens) or pixel count, by which evaluation batches are ordered.
+    pub fn len(&self) -> usize {
+        match &self.item {
+            Item::Tokens { ids, .. } => ids.len(),
+            Item::Pixels { data, .. } => data.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl crate::data::Labelled for Encoded {
+    fn label(&self) -> usize {
+        self.label
+    }
 }
 
 pub fn encode_all(tok: &TextEncoder, ex: &[Example]) -> Result<Vec<Encoded>> {
     ex.iter()
         .map(|e| {
             let (ids, types) = tok.encode(&e.text, e.pair.as_deref())?;
-            Ok(Encoded { ids, types, label: e.label })
+            Ok(Encoded { item: Item::Tokens { ids, types }, label: e.label })
         })
         .collect()
 }
 
-pub fn batch_of(items: &[&Encoded], pad_id: u32) -> (Batch, Vec<usize>) {
-    let seqs: Vec<(Vec<u32>, Vec<u32>)> = items.iter().map(|e| (e.ids.clone(), e.types.clone())).collect();
-    (pad_batch(&seqs, pad_id), items.iter().map(|e| e.label).collect())
+/// Encode a split for the model's front end: text through the tokenizer; images (bytes 0–255) to f32, a grey
+/// image repeated into three channels when the model takes RGB, then the model's preprocessor (resize to its
+/// size, rescale, normalise). Fails when text meets an image model or the other way round.
+pub fn encode_examples(front: &Frontend, ex: &Examples) -> Result<Vec<Encoded>> {
+    use rayon::prelude::*;
+    match (front, ex) {
+        (Frontend::Text(tok), Examples::Text(v)) => encode_all(tok, v),
+        (Frontend::Image { pre, channels }, Examples::Images(shape, v)) => {
+            let (c, h, w) = (shape.channels, shape.height, shape.width);
+            let out_c = match (c, *channels) {
+                (a, b) if a == b => a,
+                (1, 3) => 3,
+                (a, b) => bail!("the task's images have {a} channel(s) but the model takes {b}"),
+            };
+            let enc: Vec<Encoded> = v
+                .par_iter()
+                .map(|e| {
+                    let grey: Vec<f32> = e.pixels.iter().map(|&b| b as f32).collect();
+                    let img = if out_c == c { grey } else { grey.repeat(out_c) };
+                    let (oh, ow, x) = pre.apply(&img, out_c, h, w)?;
+                    Ok(Encoded { item: Item::Pixels { c: out_c, h: oh, w: ow, data: Arc::new(x) }, label: e.label })
+                })
+                .collect::<Result<_>>()?;
+            if let Some(first) = enc.first() {
+                if enc.iter().any(|e| e.len() != first.len()) {
+                    bail!("the model's preprocessor gives images of different sizes; give it a fixed size (size.height/width)");
+                }
+            }
+            Ok(enc)
+        }
+        (_, ex) => {
+            check_kind(front, matches!(ex, Examples::Images(..)))?;
+            unreachable!("check_kind refuses every other pairing")
+        }
+    }
+}
+
+/// Fail unless the front end takes the task's kind of examples (images or text).
+pub fn check_kind(front: &Frontend, image_task: bool) -> Result<()> {
+    match (front, image_task) {
+        (Frontend::Text(_), true) => bail!("an image task needs an image model (ViT); this one is a text model"),
+        (Frontend::Image { .. }, false) => bail!("a text task needs a text model (BERT); this one is an image model"),
+        _ => Ok(()),
+    }
+}
+
+/// Embeddings of `ex` through `lm`'s encoder alone (pooled, optionally L2-normalised), in input order: texts as
+/// [`crate::models::hf::HfEncoder::embed`] computes them, images through [`encode_examples`].
+pub fn embed_examples(
+    lm: &mut LoadedModel,
+    ex: &Examples,
+    pooling: Pooling,
+    normalize: bool,
+    batch: usize,
+) -> Result<Vec<Vec<f32>>> {
+    if let (Frontend::Text(tok), Examples::Text(v), Some(bert)) = (&lm.frontend, ex, lm.encoder.bert_mut()) {
+        let texts: Vec<String> = v.iter().map(|e| e.text.clone()).collect();
+        return crate::models::hf::embed_texts(bert, tok, &texts, pooling, normalize, batch);
+    }
+    let enc = encode_examples(&lm.frontend, ex)?;
+    let d = lm.encoder.hidden();
+    let mut out = Vec::with_capacity(enc.len());
+    for chunk in enc.chunks(batch.max(1)) {
+        let items: Vec<&Encoded> = chunk.iter().collect();
+        let (b, _) = batch_of(&items, lm.pad_id());
+        let (h, mask, seq) = lm.encoder.forward((&b).into())?;
+        let mut pooled = vec![0.0; chunk.len() * d];
+        pool_forward(pooling, h, &mask, chunk.len(), seq, d, &mut pooled);
+        if normalize {
+            crate::engine::kernels::l2_normalize_rows(&mut pooled, d);
+        }
+        out.extend(pooled.chunks(d).map(|r| r.to_vec()));
+    }
+    Ok(out)
+}
+
+/// A batch of `items` (all text or all images of one size) and their labels.
+pub fn batch_of(items: &[&Encoded], pad_id: u32) -> (InputBatch, Vec<usize>) {
+    let labels = items.iter().map(|e| e.label).collect();
+    match items.first().map(|e| &e.item) {
+        Some(Item::Pixels { c, h, w, .. }) => {
+            let (c, h, w) = (*c, *h, *w);
+            let mut data = Vec::with_capacity(items.len() * c * h * w);
+            for e in items {
+                match &e.item {
+                    Item::Pixels { data: d, .. } if d.len() == c * h * w => data.extend_from_slice(d),
+                    _ => panic!("batch_of: a batch mixes images of different sizes or text and images"),
+                }
+            }
+            (InputBatch::Pixels(Pixels { batch: items.len(), channels: c, height: h, width: w, data }), labels)
+        }
+        _ => {
+            let seqs: Vec<(Vec<u32>, Vec<u32>)> = items
+                .iter()
+                .map(|e| match &e.item {
+                    Item::Tokens { ids, types } => (ids.clone(), types.clone()),
+                    Item::Pixels { .. } => panic!("batch_of: a batch mixes text and images"),
+                })
+                .collect();
+            (InputBatch::Tokens(pad_batch(&seqs, pad_id)), labels)
+        }
+    }
 }
 
 /// Training-loop settings.
@@ -120,16 +250,17 @@ pub fn train_model(
 
 /// Pooled features of `data` through the (frozen) encoder, `[n, hidden]`, in input order.
 pub fn features(model: &mut Classifier, data: &[Encoded], pad_id: u32, batch: usize) -> Result<Vec<f32>> {
-    let d = model.bert.hidden();
+    let d = model.encoder.hidden();
     let mut order: Vec<usize> = (0..data.len()).collect();
-    order.sort_by_key(|&i| data[i].ids.len());
+    order.sort_by_key(|&i| data[i].len());
     let mut out = vec![0.0f32; data.len() * d];
     for chunk in order.chunks(batch.max(1)) {
         let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
         let (b, _) = batch_of(&items, pad_id);
-        let h = model.bert.forward(&b)?;
-        let mut pooled = vec![0.0; b.batch * d];
-        pool_forward(model.pooling, h, &b.mask, b.batch, b.seq, d, &mut pooled);
+        let n = items.len();
+        let (h, mask, seq) = model.encoder.forward((&b).into())?;
+        let mut pooled = vec![0.0; n * d];
+        pool_forward(model.pooling, h, &mask, n, seq, d, &mut pooled);
         for (k, &i) in chunk.iter().enumerate() {
             out[i * d..(i + 1) * d].copy_from_slice(&pooled[k * d..(k + 1) * d]);
         }
@@ -146,7 +277,7 @@ pub fn train_head_on_features(
     opts: &LoopOpts,
     lr: f32,
 ) -> Result<Vec<f32>> {
-    let d = model.bert.hidden();
+    let d = model.encoder.hidden();
     let c = model.classes;
     let opt = AdamW { weight_decay: opts.weight_decay, ..Default::default() };
     let mut sampler = Sampler::new(labels.len(), opts.batch, opts.seed);
@@ -165,7 +296,7 @@ pub fn train_head_on_features(
         let (mut probs, mut dl) = (vec![0.0; b * c], vec![0.0; b * c]);
         let loss = softmax_cross_entropy(&logits, &y, c, &mut probs, &mut dl);
         if !loss.is_finite() {
-            anyhow::bail!("training diverged at step {}: loss is {loss}", t + 1);
+            bail!("training diverged at step {}: loss is {loss}", t + 1);
         }
         head.backward(&x, &dl, b, None, false);
         let f = opts.lr_factor(t);
@@ -182,7 +313,7 @@ pub fn train_head_on_features(
 /// Predictions on `data` (argmax of the logits), in input order.
 pub fn predict(model: &mut Classifier, data: &[Encoded], pad_id: u32, batch: usize) -> Result<Vec<usize>> {
     let mut order: Vec<usize> = (0..data.len()).collect();
-    order.sort_by_key(|&i| data[i].ids.len());
+    order.sort_by_key(|&i| data[i].len());
     let mut out = vec![0usize; data.len()];
     let c = model.classes;
     for chunk in order.chunks(batch.max(1)) {

@@ -97,20 +97,17 @@ pub fn export_adapter(
 ) -> Result<BTreeMap<String, f64>> {
     let mut modules = BTreeMap::new();
     let mut errors = BTreeMap::new();
-    for (l, layer) in model.bert.layers.iter().enumerate() {
-        for (name, lin) in crate::models::bert::LINEAR_NAMES.iter().zip(layer.linears()) {
-            let path = format!("encoder.layer.{l}.{name}");
-            let Some((a, b, r)) = layer_factors(lin) else { continue };
-            let (a, b, r) = match export_rank {
-                Some(k) if k < r => {
-                    let (ak, bk, err) = compress(&a, &b, r, lin.din, lin.dout, k);
-                    errors.insert(path.clone(), err);
-                    (ak, bk, k)
-                }
-                _ => (a, b, r),
-            };
-            modules.insert(path, ExportModule { a, b, r, din: lin.din, dout: lin.dout, alpha: r as f64 });
-        }
+    for (path, lin) in model.encoder.linears() {
+        let Some((a, b, r)) = layer_factors(lin) else { continue };
+        let (a, b, r) = match export_rank {
+            Some(k) if k < r => {
+                let (ak, bk, err) = compress(&a, &b, r, lin.din, lin.dout, k);
+                errors.insert(path.clone(), err);
+                (ak, bk, k)
+            }
+            _ => (a, b, r),
+        };
+        modules.insert(path, ExportModule { a, b, r, din: lin.din, dout: lin.dout, alpha: r as f64 });
     }
     let r = most_common(modules.values().map(|m| m.r)).unwrap_or(8);
     let cfg = AdapterConfig::new(r, r as f64, Vec::new(), base);

@@ -3,6 +3,6 @@
 use crate::models::classifier::Classifier;
 
 pub fn prepare(model: &mut Classifier) -> Vec<String> {
-    model.bert.set_all_trainable(true);
+    model.encoder.set_all_trainable(true);
     Vec::new()
 }

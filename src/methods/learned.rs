@@ -15,11 +15,9 @@ pub fn prepare(model: &mut Classifier, bank: &[Adapter]) -> Result<Vec<String>> 
 pub fn hook(global: bool, entropy: f32) -> impl FnMut(&mut Classifier) {
     move |model: &mut Classifier| {
         let mut logits: Vec<&mut crate::engine::param::Param> = Vec::new();
-        for layer in &mut model.bert.layers {
-            for lin in layer.linears_mut() {
-                if let Composition::Learned(p) = &mut lin.comp {
-                    logits.push(p);
-                }
+        for lin in model.encoder.linears_mut() {
+            if let Composition::Learned(p) = &mut lin.comp {
+                logits.push(p);
             }
         }
         if entropy != 0.0 {

@@ -21,6 +21,7 @@ pub mod linear_probe;
 pub mod lora;
 pub mod merges;
 pub mod peers;
+pub mod pretrain;
 pub mod step;
 pub mod uniform;
 
@@ -29,9 +30,10 @@ use crate::engine::kernels::Pooling;
 use crate::lora::peft::Adapter;
 use crate::models::bert::Bert;
 use crate::models::classifier::Classifier;
+use crate::models::encoder::Encoder;
 use crate::models::tokenize::TextEncoder;
 use anyhow::{bail, Result};
-use common::{encode_all, features, predict, score, train_head_on_features, train_model, LoopOpts, Scores};
+use common::{encode_all, features, predict, score, train_head_on_features, train_model, Encoded, LoopOpts, Scores};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -173,7 +175,8 @@ pub struct Outcome {
     pub details: serde_json::Value,
 }
 
-/// Adapt `bert` to `train` with `opts.method`, then score on `test`.
+/// Adapt `bert` to `train` with `opts.method`, then score on `test` (text tasks; [`adapt_encoded`] is the
+/// general form).
 pub fn adapt(
     bert: &Bert,
     tok: &TextEncoder,
@@ -183,18 +186,32 @@ pub fn adapt(
     bank: &[Adapter],
     opts: &AdaptOpts,
 ) -> Result<Outcome> {
+    let train_enc = encode_all(tok, train)?;
+    let test_enc = encode_all(tok, test)?;
+    adapt_encoded(Encoder::Bert(bert.clone()), tok.pad_id, classes, &train_enc, &test_enc, bank, opts)
+}
+
+/// Adapt `encoder` (BERT or ViT) to encoded examples `train` with `opts.method`, then score on `test`.
+/// `pad` is the token batches' padding id (ignored for images).
+pub fn adapt_encoded(
+    encoder: Encoder,
+    pad: u32,
+    classes: usize,
+    train_enc: &[Encoded],
+    test_enc: &[Encoded],
+    bank: &[Adapter],
+    opts: &AdaptOpts,
+) -> Result<Outcome> {
     if opts.method.needs_bank() && bank.is_empty() {
         bail!("method '{}' needs a bank: give --bank ADAPTERDIR...", opts.method.name());
     }
-    let pad = tok.pad_id;
-    let mut model = Classifier::new(bert.clone(), opts.pooling, classes, opts.loop_opts.seed);
+    let mut model = Classifier::new(encoder, opts.pooling, classes, opts.loop_opts.seed);
     // The foundation model is frozen whatever state it arrives in; each method makes trainable only its own.
-    model.bert.set_all_trainable(false);
-    let train_enc = encode_all(tok, train)?;
+    model.encoder.set_all_trainable(false);
     let t0 = Instant::now();
     let mut used_modules: Vec<usize> = (0..bank.len()).collect();
     if let (Some(k), true) = (opts.select, opts.method.needs_bank()) {
-        used_modules = peers::arrow_select(&mut model, bank, &train_enc, pad, k)?;
+        used_modules = peers::arrow_select(&mut model, bank, train_enc, pad, k)?;
     }
     let sub: Vec<Adapter> = used_modules.iter().map(|&i| bank[i].clone()).collect();
     let bank = &sub[..];
@@ -215,14 +232,14 @@ pub fn adapt(
                     &mut model,
                     &paths,
                     n,
-                    &train_enc,
+                    train_enc,
                     pad,
                     classes,
                     opts.lorahub_generations,
                     seed,
                     peer == Method::LorahubCompat,
                 )?,
-                Method::BestSingle => peers::best_single(&mut model, &paths, n, &train_enc, pad, classes)?,
+                Method::BestSingle => peers::best_single(&mut model, &paths, n, train_enc, pad, classes)?,
                 dense => {
                     let merge = match dense {
                         Method::TaskArithmetic => Merge::TaskArithmetic,
@@ -232,7 +249,7 @@ pub fn adapt(
                         Method::MagnitudePrune => Merge::MagnitudePrune { density: opts.density },
                         _ => unreachable!("every other method is matched above"),
                     };
-                    peers::dense_merge(&mut model, &paths, merge, &grid, &train_enc, pad, classes, seed)?
+                    peers::dense_merge(&mut model, &paths, merge, &grid, train_enc, pad, classes, seed)?
                 }
             };
             paths
@@ -244,24 +261,23 @@ pub fn adapt(
         trainable_params -= bank.len() * adapted.len().saturating_sub(1);
     }
     let losses = if opts.method.frozen_encoder() {
-        let feats = features(&mut model, &train_enc, pad, opts.eval_batch)?;
+        let feats = features(&mut model, train_enc, pad, opts.eval_batch)?;
         let labels: Vec<usize> = train_enc.iter().map(|e| e.label).collect();
         train_head_on_features(&mut model, &feats, &labels, &opts.loop_opts, opts.lr_head)?
     } else {
         let (lr_head, lr_body) = (opts.lr_head, opts.lr_body);
         let lr_for = move |n: &str| if n.starts_with("classifier.") { lr_head } else { lr_body };
         let mut hook = learned::hook(opts.global_weights, opts.entropy_penalty);
-        train_model(&mut model, &train_enc, pad, &opts.loop_opts, &lr_for, Some(&mut hook), |_, _| {})?
+        train_model(&mut model, train_enc, pad, &opts.loop_opts, &lr_for, Some(&mut hook), |_, _| {})?
     };
     let train_seconds = t0.elapsed().as_secs_f64();
-    let test_enc = encode_all(tok, test)?;
-    let pred = predict(&mut model, &test_enc, pad, opts.eval_batch)?;
+    let pred = predict(&mut model, test_enc, pad, opts.eval_batch)?;
     let gold: Vec<usize> = test_enc.iter().map(|e| e.label).collect();
     let scores = score(&gold, &pred, classes);
     let weights = adapted
         .iter()
         .filter_map(|p| {
-            let lin = model.bert.linear_mut(p)?;
+            let lin = model.encoder.linear_mut(p)?;
             (!lin.bank().is_empty()).then(|| (p.clone(), lin.module_weights()))
         })
         .collect();

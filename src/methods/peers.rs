@@ -56,12 +56,12 @@ pub fn prototype_loss(feats: &[f32], labels: &[usize], classes: usize, d: usize)
 fn score(model: &mut Classifier, data: &[Encoded], pad: u32, classes: usize) -> Result<f64> {
     let f = features(model, data, pad, 64)?;
     let labels: Vec<usize> = data.iter().map(|e| e.label).collect();
-    Ok(prototype_loss(&f, &labels, classes, model.bert.hidden()))
+    Ok(prototype_loss(&f, &labels, classes, model.encoder.hidden()))
 }
 
 fn set_fixed(model: &mut Classifier, paths: &[String], w: &[f32]) {
     for p in paths {
-        let lin = model.bert.linear_mut(p).unwrap();
+        let lin = model.encoder.linear_mut(p).unwrap();
         lin.comp = Composition::Fixed(w.to_vec());
         lin.invalidate();
     }
@@ -83,7 +83,7 @@ pub fn lorahub(
     compat: bool,
 ) -> Result<Value> {
     let originals: Vec<Vec<LoraModule>> =
-        paths.iter().map(|p| model.bert.linear_mut(p).unwrap().bank().to_vec()).collect();
+        paths.iter().map(|p| model.encoder.linear_mut(p).unwrap().bank().to_vec()).collect();
     if compat {
         for (p, bank) in paths.iter().zip(&originals) {
             let r0 = bank[0].r;
@@ -94,7 +94,7 @@ pub fn lorahub(
     }
     let apply = |model: &mut Classifier, w: &[f32]| {
         for (p, bank) in paths.iter().zip(&originals) {
-            let lin = model.bert.linear_mut(p).unwrap();
+            let lin = model.encoder.linear_mut(p).unwrap();
             if compat {
                 let (r, s) = (bank[0].r, bank[0].scale);
                 let mut a = vec![0.0f32; bank[0].a.len()];
@@ -183,7 +183,7 @@ pub fn dense_merge(
 ) -> Result<Value> {
     let mut merged: Vec<(String, Vec<f32>, usize)> = Vec::new();
     for (li, p) in paths.iter().enumerate() {
-        let lin = model.bert.linear_mut(p).unwrap();
+        let lin = model.encoder.linear_mut(p).unwrap();
         let n = lin.bank().len();
         let tvs: Vec<Vec<f32>> = (0..n)
             .filter(|&j| lin.bank()[j].r > 0)
@@ -197,7 +197,7 @@ pub fn dense_merge(
     }
     let apply = |model: &mut Classifier, lambda: f32| {
         for (p, m, din) in &merged {
-            let lin = model.bert.linear_mut(p).unwrap();
+            let lin = model.encoder.linear_mut(p).unwrap();
             let mut eye = vec![0.0f32; din * din];
             for i in 0..*din {
                 eye[i * din + i] = 1.0;
@@ -229,23 +229,23 @@ pub fn arrow_select(
 ) -> Result<Vec<usize>> {
     let items: Vec<&Encoded> = data.iter().collect();
     let (batch, _) = super::common::batch_of(&items, pad);
-    model.bert.forward(&batch)?;
-    let d = model.bert.hidden();
+    let mask = model.encoder.forward((&batch).into())?.1;
+    let d = model.encoder.hidden();
     let mut scores = vec![0.0f64; bank.len()];
     let mut counts = vec![0usize; bank.len()];
     for (n, a) in bank.iter().enumerate() {
         for (path, m) in &a.modules {
             let Some(rest) = path.strip_prefix("encoder.layer.") else { continue };
             let (l, name) = rest.split_once('.').unwrap_or(("", ""));
-            if !name.starts_with("attention.self.") {
+            if !name.starts_with("attention.self.") && !name.starts_with("attention.attention.") {
                 continue;
             }
             let l: usize = l.parse().unwrap_or(0);
             let v = top_right_singular(&m.a, &m.b, m.r, m.din, m.dout);
-            let x = model.bert.layer_input(l);
+            let x = model.encoder.layer_input(l);
             let (mut s, mut c) = (0.0f64, 0usize);
-            for t in 0..batch.rows() {
-                if batch.mask[t] == 0.0 {
+            for t in 0..mask.len() {
+                if mask[t] == 0.0 {
                     continue;
                 }
                 let row = &x[t * d..(t + 1) * d];

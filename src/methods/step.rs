@@ -2,17 +2,17 @@
 //! parameters (each with its own learning rate), then the bank layers' cached merges are invalidated.
 
 use crate::engine::param::AdamW;
-use crate::models::bert::Batch;
 use crate::models::classifier::Classifier;
+use crate::models::encoder::Input;
 use anyhow::{bail, Result};
 
 /// Hook run between backward and the update (penalties, tied parameters).
 pub type GradHook<'a> = &'a mut dyn FnMut(&mut Classifier);
 
 /// Run one step; returns the loss. Fails (naming the step) if the loss or any gradient is NaN or infinite.
-pub fn train_step(
+pub fn train_step<'a>(
     model: &mut Classifier,
-    batch: &Batch,
+    batch: impl Into<Input<'a>>,
     labels: &[usize],
     opt: &AdamW,
     t: u64,
@@ -43,10 +43,8 @@ pub fn train_step(
 
 /// Drop every cached merge (after any weight or composition change).
 pub fn invalidate(model: &mut Classifier) {
-    for layer in &mut model.bert.layers {
-        for l in layer.linears_mut() {
-            l.invalidate();
-        }
+    for l in model.encoder.linears_mut() {
+        l.invalidate();
     }
     model.head.invalidate();
 }

@@ -1,7 +1,8 @@
-//! A sequence classifier: encoder, pooling and a linear head (`classifier`, stored PEFT-style under
+//! A classifier: encoder (BERT or ViT), pooling and a linear head (`classifier`, stored PEFT-style under
 //! `modules_to_save` keys in adapters).
 
-use super::bert::{Batch, Bert};
+use super::bert::Bert;
+use super::encoder::{Encoder, Input};
 use crate::engine::kernels::{pool_backward, pool_forward, softmax_cross_entropy, Pooling};
 use crate::engine::param::Param;
 use crate::lora::bank::BankLinear;
@@ -10,7 +11,7 @@ use anyhow::Result;
 /// Encoder + pooling + linear head.
 #[derive(Clone, Debug)]
 pub struct Classifier {
-    pub bert: Bert,
+    pub encoder: Encoder,
     pub pooling: Pooling,
     pub head: BankLinear,
     pub classes: usize,
@@ -20,27 +21,32 @@ pub struct Classifier {
     dlogits: Vec<f32>,
     dpooled: Vec<f32>,
     dhidden: Vec<f32>,
-    batch: Batch,
+    /// Shape and token mask of the last forward pass.
+    batch: usize,
+    seq: usize,
+    mask: Vec<f32>,
 }
 
 impl Classifier {
-    /// A fresh head (`normal(0, 0.02)` weight, zero bias, trainable) on `bert`.
-    pub fn new(bert: Bert, pooling: Pooling, classes: usize, seed: u64) -> Self {
+    /// A fresh head (`normal(0, 0.02)` weight, zero bias, trainable) on `encoder` (a [`Bert`], a
+    /// [`super::vit::Vit`] or an [`Encoder`]).
+    pub fn new(encoder: impl Into<Encoder>, pooling: Pooling, classes: usize, seed: u64) -> Self {
         use rand::SeedableRng;
+        let encoder = encoder.into();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x4845_4144);
-        let d = bert.hidden();
+        let d = encoder.hidden();
         let w: Vec<f32> = (0..classes * d).map(|_| crate::util::normal(&mut rng) * 0.02).collect();
         let mut wp = Param::new(vec![classes, d], w);
         let mut bp = Param::zeros(vec![classes]);
         wp.set_trainable(true);
         bp.set_trainable(true);
-        Self::with_head(bert, pooling, BankLinear::new(wp, Some(bp)))
+        Self::with_head(encoder, pooling, BankLinear::new(wp, Some(bp)))
     }
 
-    pub fn with_head(bert: Bert, pooling: Pooling, head: BankLinear) -> Self {
+    pub fn with_head(encoder: impl Into<Encoder>, pooling: Pooling, head: BankLinear) -> Self {
         let classes = head.dout;
         Classifier {
-            bert,
+            encoder: encoder.into(),
             pooling,
             head,
             classes,
@@ -50,19 +56,33 @@ impl Classifier {
             dlogits: Vec::new(),
             dpooled: Vec::new(),
             dhidden: Vec::new(),
-            batch: Batch::default(),
+            batch: 0,
+            seq: 0,
+            mask: Vec::new(),
         }
     }
 
-    /// Logits `[batch, classes]`.
-    pub fn forward(&mut self, batch: &Batch) -> Result<&[f32]> {
-        let d = self.bert.hidden();
-        let h = self.bert.forward(batch)?;
-        self.pooled.resize(batch.batch * d, 0.0);
-        pool_forward(self.pooling, h, &batch.mask, batch.batch, batch.seq, d, &mut self.pooled);
-        self.logits.resize(batch.batch * self.classes, 0.0);
-        self.head.forward(&self.pooled, batch.batch, &mut self.logits);
-        self.batch = batch.clone();
+    /// The BERT encoder (panics on an image model; for BERT-only code and tests).
+    pub fn bert(&self) -> &Bert {
+        self.encoder.bert().expect("a BERT classifier")
+    }
+
+    pub fn bert_mut(&mut self) -> &mut Bert {
+        self.encoder.bert_mut().expect("a BERT classifier")
+    }
+
+    /// Logits `[batch, classes]` of a token batch ([`super::bert::Batch`]) or an image batch
+    /// ([`super::vit::Pixels`]).
+    pub fn forward<'a>(&mut self, x: impl Into<Input<'a>>) -> Result<&[f32]> {
+        let x = x.into();
+        let b = x.batch();
+        let d = self.encoder.hidden();
+        let (h, mask, seq) = self.encoder.forward(x)?;
+        self.pooled.resize(b * d, 0.0);
+        pool_forward(self.pooling, h, &mask, b, seq, d, &mut self.pooled);
+        self.logits.resize(b * self.classes, 0.0);
+        self.head.forward(&self.pooled, b, &mut self.logits);
+        (self.batch, self.seq, self.mask) = (b, seq, mask);
         Ok(&self.logits)
     }
 
@@ -74,7 +94,7 @@ impl Classifier {
     /// Mean cross-entropy of the last forward pass against `labels`; backpropagates into every trainable
     /// parameter (gradients accumulate). Returns the loss.
     pub fn backward(&mut self, labels: &[usize]) -> Result<f32> {
-        let b = self.batch.batch;
+        let b = self.batch;
         self.probs.resize(b * self.classes, 0.0);
         self.dlogits.resize(b * self.classes, 0.0);
         let loss = softmax_cross_entropy(&self.logits, labels, self.classes, &mut self.probs, &mut self.dlogits);
@@ -84,22 +104,22 @@ impl Classifier {
 
     /// Backward from a given logits gradient (or the one the last `backward` computed).
     pub fn backward_from_logits_grad(&mut self, dlogits: Option<&[f32]>) -> Result<()> {
-        let b = self.batch.batch;
-        let d = self.bert.hidden();
+        let b = self.batch;
+        let d = self.encoder.hidden();
         if let Some(g) = dlogits {
             self.dlogits.clear();
             self.dlogits.extend_from_slice(g);
         }
         self.dpooled.resize(b * d, 0.0);
         self.head.backward(&self.pooled, &self.dlogits, b, Some(&mut self.dpooled), false);
-        self.dhidden.resize(self.batch.rows() * d, 0.0);
-        pool_backward(self.pooling, &self.dpooled, &self.batch.mask, b, self.batch.seq, d, &mut self.dhidden);
-        self.bert.backward(&self.dhidden)
+        self.dhidden.resize(b * self.seq * d, 0.0);
+        pool_backward(self.pooling, &self.dpooled, &self.mask, b, self.seq, d, &mut self.dhidden);
+        self.encoder.backward(&self.dhidden)
     }
 
     /// Every trainable parameter, named (`classifier.weight`, `encoder.layer.0…`).
     pub fn trainable_params_mut(&mut self) -> Vec<(String, &mut Param)> {
-        let mut out = self.bert.trainable_params_mut();
+        let mut out = self.encoder.trainable_params_mut();
         for (s, p) in self.head.trainable_params_mut() {
             out.push((format!("classifier.{s}"), p));
         }

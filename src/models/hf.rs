@@ -33,24 +33,36 @@ impl HfEncoder {
         normalize: bool,
         batch_size: usize,
     ) -> Result<Vec<Vec<f32>>> {
-        let d = self.bert.hidden();
-        let enc: Vec<(Vec<u32>, Vec<u32>)> = texts.iter().map(|t| self.tok.encode(t, None)).collect::<Result<_>>()?;
-        let mut order: Vec<usize> = (0..texts.len()).collect();
-        order.sort_by_key(|&i| enc[i].0.len());
-        let mut out = vec![Vec::new(); texts.len()];
-        for chunk in order.chunks(batch_size.max(1)) {
-            let seqs: Vec<_> = chunk.iter().map(|&i| enc[i].clone()).collect();
-            let batch = self.tok.pad(&seqs);
-            let h = self.bert.forward(&batch)?;
-            let mut pooled = vec![0.0; batch.batch * d];
-            pool_forward(pooling, h, &batch.mask, batch.batch, batch.seq, d, &mut pooled);
-            if normalize {
-                l2_normalize_rows(&mut pooled, d);
-            }
-            for (k, &i) in chunk.iter().enumerate() {
-                out[i] = pooled[k * d..(k + 1) * d].to_vec();
-            }
-        }
-        Ok(out)
+        embed_texts(&mut self.bert, &self.tok, texts, pooling, normalize, batch_size)
     }
+}
+
+/// Sentence embeddings of `texts` with `bert` and `tok`, in input order (see [`HfEncoder::embed`]).
+pub fn embed_texts(
+    bert: &mut Bert,
+    tok: &TextEncoder,
+    texts: &[String],
+    pooling: Pooling,
+    normalize: bool,
+    batch_size: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let d = bert.hidden();
+    let enc: Vec<(Vec<u32>, Vec<u32>)> = texts.iter().map(|t| tok.encode(t, None)).collect::<Result<_>>()?;
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| enc[i].0.len());
+    let mut out = vec![Vec::new(); texts.len()];
+    for chunk in order.chunks(batch_size.max(1)) {
+        let seqs: Vec<_> = chunk.iter().map(|&i| enc[i].clone()).collect();
+        let batch = tok.pad(&seqs);
+        let h = bert.forward(&batch)?;
+        let mut pooled = vec![0.0; batch.batch * d];
+        pool_forward(pooling, h, &batch.mask, batch.batch, batch.seq, d, &mut pooled);
+        if normalize {
+            l2_normalize_rows(&mut pooled, d);
+        }
+        for (k, &i) in chunk.iter().enumerate() {
+            out[i] = pooled[k * d..(k + 1) * d].to_vec();
+        }
+    }
+    Ok(out)
 }

@@ -3,6 +3,7 @@
 pub mod bert;
 pub mod classifier;
 pub mod config;
+pub mod encoder;
 pub mod forward;
 pub mod hf;
 pub mod image;

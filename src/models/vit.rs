@@ -499,6 +499,139 @@ impl Vit {
         self.cfg.hidden_size
     }
 
+    /// Whether the patch projection, CLS token or position table has a trainable parameter.
+    fn embeddings_trainable(&mut self) -> bool {
+        self.cls.trainable() || self.pos.trainable() || !self.patch.trainable_params_mut().is_empty()
+    }
+
+    /// Make every weight trainable (full fine-tuning, pre-training) or frozen.
+    pub fn set_all_trainable(&mut self, on: bool) {
+        let mut ps: Vec<&mut Param> = vec![&mut self.cls, &mut self.pos, &mut self.ln_g, &mut self.ln_b];
+        ps.push(&mut self.patch.w);
+        ps.extend(self.patch.bias.as_mut());
+        for layer in &mut self.layers {
+            let VitLayer { ln1_g, ln1_b, query, key, value, attn_out, ls1, ln2_g, ln2_b, fc1, fc2, ls2 } = layer;
+            ps.extend([ln1_g, ln1_b, ln2_g, ln2_b]);
+            ps.extend(ls1.as_mut());
+            ps.extend(ls2.as_mut());
+            for lin in [query, key, value, attn_out, fc1, fc2] {
+                ps.push(&mut lin.w);
+                ps.extend(lin.bias.as_mut());
+            }
+        }
+        for p in ps {
+            p.set_trainable(on);
+        }
+    }
+
+    /// The input of layer `l`'s attention projections (after its first LayerNorm) in the most recent forward
+    /// pass, `[batch·seq, hidden]`.
+    pub fn layer_input(&self, l: usize) -> &[f32] {
+        &self.ws.caches[l].n1
+    }
+
+    /// Every tensor's classic checkpoint key and shape (without the `vit.` / `dinov2.` prefix).
+    fn tensor_shapes(cfg: &VitConfig) -> Vec<(String, Vec<usize>)> {
+        let (d, inter, c, ps) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_channels, cfg.patch_size);
+        let (gh, gw) = cfg.grid();
+        let mut v: Vec<(String, Vec<usize>)> = vec![
+            ("embeddings.cls_token".into(), vec![1, 1, d]),
+            ("embeddings.position_embeddings".into(), vec![1, 1 + gh * gw, d]),
+            ("embeddings.patch_embeddings.projection.weight".into(), vec![d, c, ps, ps]),
+            ("embeddings.patch_embeddings.projection.bias".into(), vec![d]),
+        ];
+        let names = classic_names(cfg.kind);
+        let [lnb, lna] = layernorm_names(cfg.kind);
+        for l in 0..cfg.num_hidden_layers {
+            let pre = format!("encoder.layer.{l}");
+            let dims = [(d, d), (d, d), (d, d), (d, d), (inter, d), (d, inter)];
+            for (k, (name, (o, i))) in names.iter().zip(dims).enumerate() {
+                v.push((format!("{pre}.{name}.weight"), vec![o, i]));
+                if k >= 3 || cfg.qkv_bias {
+                    v.push((format!("{pre}.{name}.bias"), vec![o]));
+                }
+            }
+            for n in [lnb, lna] {
+                v.push((format!("{pre}.{n}.weight"), vec![d]));
+                v.push((format!("{pre}.{n}.bias"), vec![d]));
+            }
+            if cfg.kind == VitKind::Dinov2 {
+                v.push((format!("{pre}.layer_scale1.lambda1"), vec![d]));
+                v.push((format!("{pre}.layer_scale2.lambda1"), vec![d]));
+            }
+        }
+        v.push(("layernorm.weight".into(), vec![d]));
+        v.push(("layernorm.bias".into(), vec![d]));
+        v
+    }
+
+    /// A randomly initialised encoder as transformers initialises a `ViTModel` (normal(0, 0.02) weights, CLS
+    /// token and position table, zero biases, unit LayerNorms and layer scales), from a seeded generator. The
+    /// start of `loracomp pretrain`.
+    pub fn random(cfg: VitConfig, seed: u64) -> Result<Self> {
+        use rand::SeedableRng;
+        cfg.validate()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut tensors = std::collections::BTreeMap::new();
+        for (n, shape) in Self::tensor_shapes(&cfg) {
+            let len: usize = shape.iter().product();
+            let one =
+                n.ends_with("lambda1") || (n.ends_with(".weight") && (n.contains("norm") || n.contains("layernorm")));
+            let data: Vec<f32> = if one {
+                vec![1.0; len]
+            } else if n.ends_with(".bias") {
+                vec![0.0; len]
+            } else {
+                (0..len).map(|_| crate::util::normal(&mut rng) * 0.02).collect()
+            };
+            tensors.insert(n, (shape, data));
+        }
+        let mut tf = TensorFile { path: "<random>".into(), tensors, unusable: Default::default() };
+        Self::from_tensors(cfg, &mut tf)
+    }
+
+    /// Every weight under its classic `ViTModel` / `Dinov2Model` safetensors key and shape.
+    pub fn state_dict(&self) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+        let mut values: Vec<&[f32]> = vec![&self.cls.data, &self.pos.data, &self.patch.w.data];
+        values.extend(self.patch.bias.as_ref().map(|b| &b.data[..]));
+        for layer in &self.layers {
+            for lin in layer.linears() {
+                values.push(&lin.w.data);
+                values.extend(lin.bias.as_ref().map(|b| &b.data[..]));
+            }
+            values.extend([&layer.ln1_g.data[..], &layer.ln1_b.data, &layer.ln2_g.data, &layer.ln2_b.data]);
+            values.extend(layer.ls1.as_ref().map(|p| &p.data[..]));
+            values.extend(layer.ls2.as_ref().map(|p| &p.data[..]));
+        }
+        values.extend([&self.ln_g.data[..], &self.ln_b.data]);
+        let shapes = Self::tensor_shapes(&self.cfg);
+        assert_eq!(shapes.len(), values.len(), "tensor_shapes and state_dict list the same tensors");
+        shapes.into_iter().zip(values).map(|((n, s), v)| (n, (s, v.to_vec()))).collect()
+    }
+
+    /// `config.json` of this model as transformers writes a `ViTModel`'s (ViT only).
+    pub fn config_json(&self) -> Value {
+        let c = &self.cfg;
+        serde_json::json!({
+            "architectures": ["ViTModel"],
+            "model_type": "vit",
+            "hidden_size": c.hidden_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "intermediate_size": c.intermediate_size,
+            "hidden_act": c.hidden_act,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            "initializer_range": 0.02,
+            "layer_norm_eps": c.layer_norm_eps,
+            "image_size": if c.image_size.0 == c.image_size.1 { serde_json::json!(c.image_size.0) } else { serde_json::json!([c.image_size.0, c.image_size.1]) },
+            "patch_size": c.patch_size,
+            "num_channels": c.num_channels,
+            "qkv_bias": c.qkv_bias,
+            "encoder_stride": c.patch_size,
+        })
+    }
+
     /// Every linear module's canonical (classic checkpoint) path, in layer order.
     pub fn linear_paths(&self) -> Vec<String> {
         let names = classic_names(self.cfg.kind);
@@ -547,6 +680,14 @@ impl Vit {
         let names = classic_names(self.cfg.kind);
         let [lnb, lna] = layernorm_names(self.cfg.kind);
         let mut out: Vec<(String, &mut Param)> = Vec::new();
+        for (suffix, p) in self.patch.trainable_params_mut() {
+            out.push((format!("embeddings.patch_embeddings.projection.{suffix}"), p));
+        }
+        for (n, p) in [("embeddings.cls_token", &mut self.cls), ("embeddings.position_embeddings", &mut self.pos)] {
+            if p.trainable() {
+                out.push((n.to_string(), p));
+            }
+        }
         for (l, layer) in self.layers.iter_mut().enumerate() {
             let VitLayer { ln1_g, ln1_b, query, key, value, attn_out, ls1, ln2_g, ln2_b, fc1, fc2, ls2 } = layer;
             let mut ps: Vec<(String, &mut Param)> = vec![
@@ -636,7 +777,8 @@ impl Vit {
         let eps = self.cfg.layer_norm_eps as f32;
         let inter = self.cfg.intermediate_size;
         let nl = self.layers.len();
-        if self.ws.pos_grid != (gh, gw) || self.ws.pos.len() != seq * d {
+        // The table is cached per grid; a trainable one changes every step, so it is re-read every pass.
+        if self.ws.pos_grid != (gh, gw) || self.ws.pos.len() != seq * d || self.pos.trainable() {
             self.ws.pos = self.position_embeddings(gh, gw);
             self.ws.pos_grid = (gh, gw);
         }
@@ -749,7 +891,8 @@ impl Vit {
 
     /// Backward from `d_last` (gradient of the last hidden state). Accumulates into trainable parameters only
     /// (frozen weights get none). With `input_grad` it runs down to the pixels ([`Vit::pixel_grad`]); without,
-    /// it stops at the lowest layer that has trainable parameters.
+    /// it stops at the lowest layer that has trainable parameters, or runs into the embeddings when the patch
+    /// projection, CLS token or position table is trainable (pre-training, full fine-tuning).
     pub fn backward(&mut self, d_last: &[f32], input_grad: bool) -> Result<()> {
         let d = self.hidden();
         let inter = self.cfg.intermediate_size;
@@ -759,7 +902,8 @@ impl Vit {
         if d_last.len() != t * d || t == 0 {
             return Err(anyhow!("backward: gradient has {} values, expected {}", d_last.len(), t * d));
         }
-        let first = if input_grad {
+        let emb_grad = self.embeddings_trainable();
+        let first = if input_grad || emb_grad {
             0
         } else {
             match self.layers.iter_mut().position(|l| l.has_trainable()) {
@@ -788,7 +932,7 @@ impl Vit {
             lp,
         );
         for l in (first..nl).rev() {
-            let need_dx = l > first || input_grad;
+            let need_dx = l > first || input_grad || emb_grad;
             let VitLayer { ln1_g, ln1_b, query, key, value, attn_out, ls1, ln2_g, ln2_b, fc1, fc2, ls2 } =
                 &mut self.layers[l];
             let c = &ws.caches[l];
@@ -828,21 +972,48 @@ impl Vit {
                 value.backward(&c.n1, &ws.dv, t, None, false);
             }
         }
-        if !input_grad {
+        if !input_grad && !emb_grad {
             return Ok(());
         }
-        // Embeddings: the patch rows' gradient goes through the projection and is folded back onto the pixels.
+        // Embeddings: CLS and position rows take their gradient directly; the patch rows' gradient goes through
+        // the projection and (with `input_grad`) is folded back onto the pixels.
         let (c, p) = (self.cfg.num_channels, self.cfg.patch_size);
         let (hh, ww) = ws.hw;
         let (gh, gw) = (hh / p, ww / p);
         let np = gh * gw;
         let kp = c * p * p;
         let dh = &ws.dh;
+        if self.cls.trainable() {
+            for bi in 0..b {
+                let row = &dh[bi * seq * d..bi * seq * d + d];
+                self.cls.grad.iter_mut().zip(row).for_each(|(g, v)| *g += v);
+            }
+        }
+        if self.pos.trainable() {
+            if (gh, gw) != self.cfg.grid() {
+                bail!(
+                    "position embeddings are trainable only at the pre-training image size {}x{} (got {hh}x{ww})",
+                    self.cfg.image_size.0,
+                    self.cfg.image_size.1
+                );
+            }
+            for bi in 0..b {
+                let rows = &dh[bi * seq * d..(bi + 1) * seq * d];
+                self.pos.grad.iter_mut().zip(rows).for_each(|(g, v)| *g += v);
+            }
+        }
+        if !input_grad && self.patch.trainable_params_mut().is_empty() {
+            return Ok(());
+        }
         sized(&mut ws.dpatch, b * np * d).par_chunks_mut(d).enumerate().for_each(|(r, row)| {
             let (bi, pi) = (r / np, r % np);
             let src = (bi * seq + 1 + pi) * d;
             row.copy_from_slice(&dh[src..src + d]);
         });
+        if !input_grad {
+            self.patch.backward(&ws.unfolded, &ws.dpatch, b * np, None, false);
+            return Ok(());
+        }
         self.patch.backward(&ws.unfolded, &ws.dpatch, b * np, Some(sized(&mut ws.dunfolded, b * np * kp)), false);
         let du = &ws.dunfolded;
         // Pixels outside whole patches (when H or W is not a multiple of p) get zero gradient.
