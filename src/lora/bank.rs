@@ -277,16 +277,18 @@ impl BankLinear {
         }
     }
 
-    /// The bank term of [`Composition::PerGroup`]: `y = x·Wᵀ + b`, `U = x·A_catᵀ` over all rows, group g's rows
-    /// of `U` scaled by its coefficients, `y += U'·B_catᵀ` over all rows.
-    ///
-    /// Exact: `U'[t, j] = w_{g,n}·s_n·U[t, j]` for `j` in module n's rank range. Summed factors (all `r_n = r`,
-    /// `s_n = s`): `x·(Σ_n w_n A_n)ᵀ = Σ_n w_n U_n =: V` (`[rows, r]`) and `V·(Σ_n w_n B_n)ᵀ = Σ_n (w_n V)·B_nᵀ`,
-    /// so `U'[t, n·r + k] = s·w_{g,n}·V[t, k]`.
+    /// [`Composition::PerGroup`]: rows split into equal groups, group g composed with its own weights `w_g`.
+    /// The two exact paths, chosen by flop count for one group's rows as for a single composition:
+    /// - factored, over all rows at once: `y = x·Wᵀ + b`, `U = x·A_catᵀ`, each group's rows of `U` scaled by its
+    ///   coefficients into `U'`, `y += U'·B_catᵀ`. Exact: `U'[t, j] = w_{g,n}·s_n·U[t, j]` for `j` in module
+    ///   n's rank range. Summed factors (all `r_n = r`, `s_n = s`): `x·(Σ_n w_n A_n)ᵀ = Σ_n w_n U_n =: V`
+    ///   (`[rows, r]`) and `V·(Σ_n w_n B_n)ᵀ = Σ_n (w_n V)·B_nᵀ`, so `U'[t, n·r + k] = s·w_{g,n}·V[t, k]`.
+    /// - merged, group by group: `W_g = W + ΔW_g`, then the group's rows times `W_gᵀ`.
     fn forward_groups(&mut self, x: &[f32], rows: usize, y: &mut [f32]) {
         let Composition::PerGroup { weights, sum_factors } = &self.comp else {
             unreachable!("forward_groups is called for per-group compositions only")
         };
+        let (weights, sum_factors) = (weights.clone(), *sum_factors);
         let (din, dout, rt, n) = (self.din, self.dout, self.bank_rank(), self.bank.len());
         let groups = weights.len();
         assert!(
@@ -294,30 +296,59 @@ impl BankLinear {
             "per-group composition: {rows} rows do not split into {groups} equal groups"
         );
         assert!(weights.iter().all(|w| w.len() == n), "per-group composition: every group needs {n} weights");
-        let r = self.bank[0].r;
-        if *sum_factors {
-            let s0 = self.bank[0].scale;
+        let (r, s) = (self.bank[0].r, self.bank[0].scale);
+        if sum_factors {
             assert!(
-                self.bank.iter().all(|m| m.r == r && (m.scale - s0).abs() <= 1e-6),
+                self.bank.iter().all(|m| m.r == r && (m.scale - s).abs() <= 1e-6),
                 "summed-factor composition needs the same rank and scale in every module"
             );
         }
         let bias = self.bias.as_ref().map(|b| b.data.as_slice());
+        let per = rows / groups;
+        let path = if rt == 0 { BankPath::Factored } else { self.choose_path(per, false) };
+        self.path_used = Some(path);
+        if path == BankPath::Merged {
+            let mut merged = std::mem::take(&mut self.merged);
+            for (g, w) in weights.iter().enumerate() {
+                merged.clear();
+                merged.extend_from_slice(&self.w.data);
+                if sum_factors {
+                    // s·(Σ w_n B_n)·(Σ w_n A_n)
+                    let mut a = vec![0.0f32; r * din];
+                    let mut b = vec![0.0f32; dout * r];
+                    for (nn, wn) in w.iter().enumerate() {
+                        let an = &self.a_cat[nn * r * din..(nn + 1) * r * din];
+                        a.iter_mut().zip(an).for_each(|(p, q)| *p += wn * q);
+                        for o in 0..dout {
+                            let bn = &self.b_cat[o * rt + nn * r..o * rt + (nn + 1) * r];
+                            b[o * r..(o + 1) * r].iter_mut().zip(bn).for_each(|(p, q)| *p += wn * q);
+                        }
+                    }
+                    matmul(dout, din, r, s, &b, Trans::N, &a, Trans::N, 1.0, &mut merged);
+                } else {
+                    self.add_delta(w, &mut merged);
+                }
+                let (xg, yg) = (&x[g * per * din..(g + 1) * per * din], &mut y[g * per * dout..(g + 1) * per * dout]);
+                linear_forward(xg, &merged, bias, per, din, dout, yg);
+            }
+            self.merged = merged;
+            // The buffer now holds the last group's weights, not this layer's composition.
+            self.merged_ok = false;
+            return;
+        }
         linear_forward(x, &self.w.data, bias, rows, din, dout, y);
-        self.path_used = Some(BankPath::Factored);
         if rt == 0 {
             return;
         }
         self.u.resize(rows * rt, 0.0);
         matmul(rows, rt, din, 1.0, x, Trans::N, &self.a_cat, Trans::T, 0.0, &mut self.u);
         self.scratch.resize(rows * rt, 0.0);
-        let per = rows / groups;
-        let mut v = vec![0.0f32; if *sum_factors { r } else { 0 }];
+        let mut v = vec![0.0f32; if sum_factors { r } else { 0 }];
         for (g, w) in weights.iter().enumerate() {
             let coef: Vec<f32> = self.bank.iter().zip(w).map(|(m, wn)| wn * m.scale).collect();
             for t in g * per..(g + 1) * per {
                 let (src, dst) = (&self.u[t * rt..(t + 1) * rt], &mut self.scratch[t * rt..(t + 1) * rt]);
-                if *sum_factors {
+                if sum_factors {
                     v.fill(0.0);
                     for (wn, un) in w.iter().zip(src.chunks_exact(r)) {
                         v.iter_mut().zip(un).for_each(|(a, b)| *a += wn * b);
@@ -517,22 +548,25 @@ mod tests {
         let groups = vec![vec![0.6, -1.3, 0.25, 2.0], vec![-1.5, 0.0, 1.5, -0.7], vec![0.1, 0.9, -0.4, 0.0]];
         let x = rv(&mut rng, rows * din, 1.0);
         let xs: Vec<f32> = (0..groups.len()).flat_map(|_| x.iter().copied()).collect();
-        lin.comp = Composition::PerGroup { weights: groups.clone(), sum_factors: false };
-        let mut y = vec![f32::NAN; groups.len() * rows * dout];
-        lin.forward(&xs, groups.len() * rows, &mut y);
-        for (g, w) in groups.iter().enumerate() {
-            lin.comp = Composition::Fixed(w.clone());
-            for p in [BankPath::Merged, BankPath::Factored] {
-                lin.force_path = Some(p);
-                lin.invalidate();
-                let mut yg = vec![0.0; rows * dout];
-                lin.forward(&x, rows, &mut yg);
-                let d = max_diff(&y[g * rows * dout..(g + 1) * rows * dout], &yg);
-                assert!(d <= 1e-5, "group {g}, {p:?}: {d}");
+        for pg in [BankPath::Merged, BankPath::Factored] {
+            lin.force_path = Some(pg);
+            lin.comp = Composition::PerGroup { weights: groups.clone(), sum_factors: false };
+            let mut y = vec![f32::NAN; groups.len() * rows * dout];
+            lin.forward(&xs, groups.len() * rows, &mut y);
+            for (g, w) in groups.iter().enumerate() {
+                lin.comp = Composition::Fixed(w.clone());
+                for p in [BankPath::Merged, BankPath::Factored] {
+                    lin.force_path = Some(p);
+                    lin.invalidate();
+                    let mut yg = vec![0.0; rows * dout];
+                    lin.forward(&x, rows, &mut yg);
+                    let d = max_diff(&y[g * rows * dout..(g + 1) * rows * dout], &yg);
+                    assert!(d <= 1e-5, "per-group {pg:?}, group {g}, fixed {p:?}: {d}");
+                }
             }
+            // and the groups do differ (the weights matter)
+            assert!(max_diff(&y[..rows * dout], &y[rows * dout..2 * rows * dout]) > 1e-2);
         }
-        // and the groups do differ (the weights matter)
-        assert!(max_diff(&y[..rows * dout], &y[rows * dout..2 * rows * dout]) > 1e-2);
     }
 
     /// Summed factors per group against the summed module `(Σ w A, Σ w B)` set as a one-module bank.
@@ -545,30 +579,33 @@ mod tests {
         let groups = vec![vec![1.2, -0.5, 0.3], vec![-1.5, 1.5, 0.0]];
         let x = rv(&mut rng, rows * din, 1.0);
         let xs: Vec<f32> = (0..groups.len()).flat_map(|_| x.iter().copied()).collect();
-        lin.comp = Composition::PerGroup { weights: groups.clone(), sum_factors: true };
-        let mut y = vec![0.0; groups.len() * rows * dout];
-        lin.forward(&xs, groups.len() * rows, &mut y);
-        for (g, w) in groups.iter().enumerate() {
-            let mut one = lin.clone();
-            let mut a = vec![0.0f32; r * din];
-            let mut b = vec![0.0f32; dout * r];
-            for (m, wn) in bank.iter().zip(w) {
-                a.iter_mut().zip(&m.a).for_each(|(p, q)| *p += wn * q);
-                b.iter_mut().zip(&m.b).for_each(|(p, q)| *p += wn * q);
-            }
-            one.set_bank(vec![LoraModule { a, b, r, scale: 0.8 }]);
-            one.comp = Composition::Fixed(vec![1.0]);
-            let mut yg = vec![0.0; rows * dout];
-            one.forward(&x, rows, &mut yg);
-            let d = max_diff(&y[g * rows * dout..(g + 1) * rows * dout], &yg);
-            assert!(d <= 1e-5, "group {g}: {d}");
-            // not the exact Σ w ΔW (cross terms B_i A_j)
-            lin.comp = Composition::Fixed(w.clone());
-            lin.invalidate();
-            let mut ye = vec![0.0; rows * dout];
-            lin.forward(&x, rows, &mut ye);
-            assert!(max_diff(&ye, &yg) > 1e-3, "group {g}");
+        for pg in [BankPath::Merged, BankPath::Factored] {
+            lin.force_path = Some(pg);
             lin.comp = Composition::PerGroup { weights: groups.clone(), sum_factors: true };
+            let mut y = vec![0.0; groups.len() * rows * dout];
+            lin.forward(&xs, groups.len() * rows, &mut y);
+            for (g, w) in groups.iter().enumerate() {
+                let mut one = lin.clone();
+                let mut a = vec![0.0f32; r * din];
+                let mut b = vec![0.0f32; dout * r];
+                for (m, wn) in bank.iter().zip(w) {
+                    a.iter_mut().zip(&m.a).for_each(|(p, q)| *p += wn * q);
+                    b.iter_mut().zip(&m.b).for_each(|(p, q)| *p += wn * q);
+                }
+                one.set_bank(vec![LoraModule { a, b, r, scale: 0.8 }]);
+                one.comp = Composition::Fixed(vec![1.0]);
+                let mut yg = vec![0.0; rows * dout];
+                one.forward(&x, rows, &mut yg);
+                let d = max_diff(&y[g * rows * dout..(g + 1) * rows * dout], &yg);
+                assert!(d <= 1e-5, "per-group {pg:?}, group {g}: {d}");
+                // not the exact Σ w ΔW (cross terms B_i A_j)
+                lin.comp = Composition::Fixed(w.clone());
+                lin.invalidate();
+                let mut ye = vec![0.0; rows * dout];
+                lin.forward(&x, rows, &mut ye);
+                assert!(max_diff(&ye, &yg) > 1e-3, "group {g}");
+                lin.comp = Composition::PerGroup { weights: groups.clone(), sum_factors: true };
+            }
         }
     }
 
