@@ -7,6 +7,11 @@
 //! current shape ([`BankPath`]) and both give the same numbers up to rounding:
 //! - merged: `ΔW = B_cat·diag(c)·A_cat` is formed (`[out, in]`), then one matmul with `W + ΔW`;
 //! - factored: `U = x·A_catᵀ` (`[rows, R]`), `y += (U·diag(c))·B_catᵀ`, with `R = Σ r_n`.
+//!
+//! [`Composition::PerGroup`] scores a population of compositions in one pass (LoraHub's search): the rows are
+//! split into equal consecutive groups and group g uses its own weights `w_g`. Only the factored path can do
+//! that with two GEMMs over all rows (`U = x·A_catᵀ`, then each group's rows of `U` scaled by its own
+//! coefficients, then `·B_catᵀ`), so this mode always takes it; it is forward-only.
 
 use crate::engine::gemm::{matmul, Trans};
 use crate::engine::kernels::{
@@ -35,6 +40,11 @@ pub enum Composition {
     Fixed(Vec<f32>),
     /// Learned logits `v_n`, `w = softmax(v)`; trainable.
     Learned(Param),
+    /// Forward-only population scoring: the rows of a forward call split into `weights.len()` equal consecutive
+    /// groups, group g composed with `weights[g]`. With `sum_factors` a group's modules are combined as
+    /// LoraHub's code does (`A = Σ w_n A_n`, `B = Σ w_n B_n`, one LoRA; every module needs the same rank and
+    /// scale), otherwise exactly (`Σ w_n ΔW_n`). Backward refuses this mode.
+    PerGroup { weights: Vec<Vec<f32>>, sum_factors: bool },
 }
 
 /// A fresh LoRA trained from scratch on this layer (`A` Kaiming-uniform, `B` zero, as PEFT initialises).
@@ -151,10 +161,17 @@ impl BankLinear {
     }
 
     /// Current module weights `w_n` (softmax of the logits when learned).
+    ///
+    /// # Panics
+    /// Under [`Composition::PerGroup`], which has no single weight vector (set a fixed composition after the
+    /// population search).
     pub fn module_weights(&self) -> Vec<f32> {
         match &self.comp {
             Composition::Off => vec![0.0; self.bank.len()],
             Composition::Fixed(w) => w.clone(),
+            Composition::PerGroup { .. } => {
+                panic!("a per-group composition has no single weight vector; set a fixed composition first")
+            }
             Composition::Learned(v) => {
                 let mut w = v.data.clone();
                 let n = w.len().max(1);
@@ -222,6 +239,8 @@ impl BankLinear {
         if !self.bank_active() {
             self.path_used = None;
             linear_forward(x, &self.w.data, bias, rows, din, dout, y);
+        } else if matches!(self.comp, Composition::PerGroup { .. }) {
+            self.forward_groups(x, rows, y);
         } else {
             self.weights = self.module_weights();
             self.coef = self.bank.iter().zip(&self.weights).map(|(m, w)| w * m.scale).collect();
@@ -258,6 +277,97 @@ impl BankLinear {
         }
     }
 
+    /// [`Composition::PerGroup`]: rows split into equal groups, group g composed with its own weights `w_g`.
+    /// The two exact paths, chosen by flop count for one group's rows as for a single composition:
+    /// - factored, over all rows at once: `y = x·Wᵀ + b`, `U = x·A_catᵀ`, each group's rows of `U` scaled by its
+    ///   coefficients into `U'`, `y += U'·B_catᵀ`. Exact: `U'[t, j] = w_{g,n}·s_n·U[t, j]` for `j` in module
+    ///   n's rank range. Summed factors (all `r_n = r`, `s_n = s`): `x·(Σ_n w_n A_n)ᵀ = Σ_n w_n U_n =: V`
+    ///   (`[rows, r]`) and `V·(Σ_n w_n B_n)ᵀ = Σ_n (w_n V)·B_nᵀ`, so `U'[t, n·r + k] = s·w_{g,n}·V[t, k]`.
+    /// - merged, group by group: `W_g = W + ΔW_g`, then the group's rows times `W_gᵀ`.
+    fn forward_groups(&mut self, x: &[f32], rows: usize, y: &mut [f32]) {
+        let Composition::PerGroup { weights, sum_factors } = &self.comp else {
+            unreachable!("forward_groups is called for per-group compositions only")
+        };
+        let (weights, sum_factors) = (weights.clone(), *sum_factors);
+        let (din, dout, rt, n) = (self.din, self.dout, self.bank_rank(), self.bank.len());
+        let groups = weights.len();
+        assert!(
+            groups > 0 && rows.is_multiple_of(groups),
+            "per-group composition: {rows} rows do not split into {groups} equal groups"
+        );
+        assert!(weights.iter().all(|w| w.len() == n), "per-group composition: every group needs {n} weights");
+        let (r, s) = (self.bank[0].r, self.bank[0].scale);
+        if sum_factors {
+            assert!(
+                self.bank.iter().all(|m| m.r == r && (m.scale - s).abs() <= 1e-6),
+                "summed-factor composition needs the same rank and scale in every module"
+            );
+        }
+        let bias = self.bias.as_ref().map(|b| b.data.as_slice());
+        let per = rows / groups;
+        let path = if rt == 0 { BankPath::Factored } else { self.choose_path(per, false) };
+        self.path_used = Some(path);
+        if path == BankPath::Merged {
+            let mut merged = std::mem::take(&mut self.merged);
+            for (g, w) in weights.iter().enumerate() {
+                merged.clear();
+                merged.extend_from_slice(&self.w.data);
+                if sum_factors {
+                    // s·(Σ w_n B_n)·(Σ w_n A_n)
+                    let mut a = vec![0.0f32; r * din];
+                    let mut b = vec![0.0f32; dout * r];
+                    for (nn, wn) in w.iter().enumerate() {
+                        let an = &self.a_cat[nn * r * din..(nn + 1) * r * din];
+                        a.iter_mut().zip(an).for_each(|(p, q)| *p += wn * q);
+                        for o in 0..dout {
+                            let bn = &self.b_cat[o * rt + nn * r..o * rt + (nn + 1) * r];
+                            b[o * r..(o + 1) * r].iter_mut().zip(bn).for_each(|(p, q)| *p += wn * q);
+                        }
+                    }
+                    matmul(dout, din, r, s, &b, Trans::N, &a, Trans::N, 1.0, &mut merged);
+                } else {
+                    self.add_delta(w, &mut merged);
+                }
+                let (xg, yg) = (&x[g * per * din..(g + 1) * per * din], &mut y[g * per * dout..(g + 1) * per * dout]);
+                linear_forward(xg, &merged, bias, per, din, dout, yg);
+            }
+            self.merged = merged;
+            // The buffer now holds the last group's weights, not this layer's composition.
+            self.merged_ok = false;
+            return;
+        }
+        linear_forward(x, &self.w.data, bias, rows, din, dout, y);
+        if rt == 0 {
+            return;
+        }
+        self.u.resize(rows * rt, 0.0);
+        matmul(rows, rt, din, 1.0, x, Trans::N, &self.a_cat, Trans::T, 0.0, &mut self.u);
+        self.scratch.resize(rows * rt, 0.0);
+        let mut v = vec![0.0f32; if sum_factors { r } else { 0 }];
+        for (g, w) in weights.iter().enumerate() {
+            let coef: Vec<f32> = self.bank.iter().zip(w).map(|(m, wn)| wn * m.scale).collect();
+            for t in g * per..(g + 1) * per {
+                let (src, dst) = (&self.u[t * rt..(t + 1) * rt], &mut self.scratch[t * rt..(t + 1) * rt]);
+                if sum_factors {
+                    v.fill(0.0);
+                    for (wn, un) in w.iter().zip(src.chunks_exact(r)) {
+                        v.iter_mut().zip(un).for_each(|(a, b)| *a += wn * b);
+                    }
+                    for (c, dn) in coef.iter().zip(dst.chunks_exact_mut(r)) {
+                        dn.iter_mut().zip(&v).for_each(|(a, b)| *a = c * b);
+                    }
+                } else {
+                    for (nn, c) in coef.iter().enumerate() {
+                        for j in self.offsets[nn]..self.offsets[nn + 1] {
+                            dst[j] = src[j] * c;
+                        }
+                    }
+                }
+            }
+        }
+        matmul(rows, dout, rt, 1.0, &self.scratch, Trans::N, &self.b_cat, Trans::T, 1.0, y);
+    }
+
     fn trainable_logits(&self) -> bool {
         matches!(&self.comp, Composition::Learned(p) if p.trainable())
     }
@@ -279,7 +389,14 @@ impl BankLinear {
     /// Backward. `x` is the input given to the last `forward`, `dy` the output gradient. Accumulates gradients
     /// of the trainable parameters (W and bias when trainable, learned logits, fresh LoRA) and writes `dx` when
     /// asked (adding to it when `accumulate`).
+    ///
+    /// # Panics
+    /// Under [`Composition::PerGroup`], which is forward-only (population scoring).
     pub fn backward(&mut self, x: &[f32], dy: &[f32], rows: usize, dx: Option<&mut [f32]>, accumulate: bool) {
+        assert!(
+            !matches!(self.comp, Composition::PerGroup { .. }),
+            "per-group composition is forward-only (population scoring); set a fixed or learned composition to train"
+        );
         let (din, dout) = (self.din, self.dout);
         if let Some(b) = self.bias.as_mut() {
             if b.trainable() {
@@ -393,5 +510,125 @@ impl BankLinear {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rv(rng: &mut impl Rng, n: usize, s: f32) -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(-1.0f32..1.0) * s).collect()
+    }
+
+    fn layer(rng: &mut impl Rng, din: usize, dout: usize, ranks: &[usize], scale: impl Fn(usize) -> f32) -> BankLinear {
+        let w = Param::new(vec![dout, din], rv(rng, dout * din, 0.3));
+        let bias = Param::new(vec![dout], rv(rng, dout, 0.3));
+        let mut lin = BankLinear::new(w, Some(bias));
+        let bank = ranks
+            .iter()
+            .map(|&r| LoraModule { a: rv(rng, r * din, 0.5), b: rv(rng, dout * r, 0.5), r, scale: scale(r) })
+            .collect();
+        lin.set_bank(bank);
+        lin
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// Group g's rows of a per-group forward against a fixed-composition forward of those rows alone, on both
+    /// exact paths.
+    #[test]
+    fn per_group_forward_equals_separate_fixed_forwards() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let (din, dout, rows) = (24, 20, 7);
+        let mut lin = layer(&mut rng, din, dout, &[3, 1, 5, 0], |r| 1.7 / (r.max(1) as f32).sqrt());
+        let groups = vec![vec![0.6, -1.3, 0.25, 2.0], vec![-1.5, 0.0, 1.5, -0.7], vec![0.1, 0.9, -0.4, 0.0]];
+        let x = rv(&mut rng, rows * din, 1.0);
+        let xs: Vec<f32> = (0..groups.len()).flat_map(|_| x.iter().copied()).collect();
+        for pg in [BankPath::Merged, BankPath::Factored] {
+            lin.force_path = Some(pg);
+            lin.comp = Composition::PerGroup { weights: groups.clone(), sum_factors: false };
+            let mut y = vec![f32::NAN; groups.len() * rows * dout];
+            lin.forward(&xs, groups.len() * rows, &mut y);
+            for (g, w) in groups.iter().enumerate() {
+                lin.comp = Composition::Fixed(w.clone());
+                for p in [BankPath::Merged, BankPath::Factored] {
+                    lin.force_path = Some(p);
+                    lin.invalidate();
+                    let mut yg = vec![0.0; rows * dout];
+                    lin.forward(&x, rows, &mut yg);
+                    let d = max_diff(&y[g * rows * dout..(g + 1) * rows * dout], &yg);
+                    assert!(d <= 1e-5, "per-group {pg:?}, group {g}, fixed {p:?}: {d}");
+                }
+            }
+            // and the groups do differ (the weights matter)
+            assert!(max_diff(&y[..rows * dout], &y[rows * dout..2 * rows * dout]) > 1e-2);
+        }
+    }
+
+    /// Summed factors per group against the summed module `(Σ w A, Σ w B)` set as a one-module bank.
+    #[test]
+    fn per_group_summed_factors_equal_the_summed_module() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let (din, dout, rows, r) = (16, 12, 5, 3);
+        let mut lin = layer(&mut rng, din, dout, &[r, r, r], |_| 0.8);
+        let bank = lin.bank().to_vec();
+        let groups = vec![vec![1.2, -0.5, 0.3], vec![-1.5, 1.5, 0.0]];
+        let x = rv(&mut rng, rows * din, 1.0);
+        let xs: Vec<f32> = (0..groups.len()).flat_map(|_| x.iter().copied()).collect();
+        for pg in [BankPath::Merged, BankPath::Factored] {
+            lin.force_path = Some(pg);
+            lin.comp = Composition::PerGroup { weights: groups.clone(), sum_factors: true };
+            let mut y = vec![0.0; groups.len() * rows * dout];
+            lin.forward(&xs, groups.len() * rows, &mut y);
+            for (g, w) in groups.iter().enumerate() {
+                let mut one = lin.clone();
+                let mut a = vec![0.0f32; r * din];
+                let mut b = vec![0.0f32; dout * r];
+                for (m, wn) in bank.iter().zip(w) {
+                    a.iter_mut().zip(&m.a).for_each(|(p, q)| *p += wn * q);
+                    b.iter_mut().zip(&m.b).for_each(|(p, q)| *p += wn * q);
+                }
+                one.set_bank(vec![LoraModule { a, b, r, scale: 0.8 }]);
+                one.comp = Composition::Fixed(vec![1.0]);
+                let mut yg = vec![0.0; rows * dout];
+                one.forward(&x, rows, &mut yg);
+                let d = max_diff(&y[g * rows * dout..(g + 1) * rows * dout], &yg);
+                assert!(d <= 1e-5, "per-group {pg:?}, group {g}: {d}");
+                // not the exact Σ w ΔW (cross terms B_i A_j)
+                lin.comp = Composition::Fixed(w.clone());
+                lin.invalidate();
+                let mut ye = vec![0.0; rows * dout];
+                lin.forward(&x, rows, &mut ye);
+                assert!(max_diff(&ye, &yg) > 1e-3, "group {g}");
+                lin.comp = Composition::PerGroup { weights: groups.clone(), sum_factors: true };
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "forward-only")]
+    fn per_group_backward_is_refused() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let mut lin = layer(&mut rng, 6, 4, &[2], |_| 1.0);
+        lin.comp = Composition::PerGroup { weights: vec![vec![1.0], vec![-1.0]], sum_factors: false };
+        let x = rv(&mut rng, 2 * 6, 1.0);
+        let mut y = vec![0.0; 2 * 4];
+        lin.forward(&x, 2, &mut y);
+        lin.backward(&x, &y, 2, None, false);
+    }
+
+    #[test]
+    #[should_panic(expected = "equal groups")]
+    fn per_group_rows_must_split_evenly() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+        let mut lin = layer(&mut rng, 6, 4, &[2], |_| 1.0);
+        lin.comp = Composition::PerGroup { weights: vec![vec![1.0], vec![-1.0]], sum_factors: false };
+        let x = rv(&mut rng, 3 * 6, 1.0);
+        let mut y = vec![0.0; 3 * 4];
+        lin.forward(&x, 3, &mut y);
     }
 }
