@@ -7,7 +7,7 @@ mod common;
 use loracomp::data::{Examples, ImageShape, Task};
 use loracomp::lora::peft::Adapter;
 use loracomp::methods::common::encode_examples;
-use loracomp::methods::{adapt_encoded, AdaptOpts, Method};
+use loracomp::methods::{adapt_encoded, AdaptOpts, Method, Retrieval};
 use loracomp::models::encoder::{Encoder, LoadedModel};
 use loracomp::models::vit::{Pixels, Vit};
 use serde_json::Value;
@@ -212,6 +212,23 @@ fn every_method_runs_on_a_vit_and_grey_images_are_converted() {
             // one weight vector per adapted layer (query and value of 2 layers), 2 modules each
             assert_eq!(r.weights.len(), 4);
             assert!(r.weights.iter().all(|(p, w)| p.contains("attention.attention.") && w.len() == 2));
+        }
+    }
+    // retrieval before composition: both criteria keep one module; CKA keeps the one with the larger gain
+    let pooling = lm.encoder.default_pooling();
+    let (_, gains) =
+        loracomp::methods::similarity::module_cka_gain(&lm.encoder, lm.pad_id(), &bank, &enc, 2, pooling).unwrap();
+    assert!(gains.iter().all(|g| g.is_finite()) && gains[0] != gains[1], "{gains:?}");
+    for by in [Retrieval::Arrow, Retrieval::Cka] {
+        let mut o = AdaptOpts::defaults(Method::Uniform, 0);
+        o.loop_opts.steps = 2;
+        o.pooling = pooling;
+        o.select = Some(1);
+        o.select_by = by;
+        let r = adapt_encoded(lm.encoder.clone(), lm.pad_id(), 2, &enc, &test, &bank, &o).unwrap();
+        assert_eq!(r.used_modules.len(), 1, "{by:?}");
+        if by == Retrieval::Cka {
+            assert_eq!(r.used_modules, vec![if gains[0] > gains[1] { 0 } else { 1 }]);
         }
     }
 }

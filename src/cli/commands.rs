@@ -185,6 +185,7 @@ pub struct AdaptCli {
     pub entropy_penalty: f32,
     pub export_rank: Option<usize>,
     pub select: Option<usize>,
+    pub select_by: crate::methods::Retrieval,
     pub lorahub_generations: usize,
     pub density: f32,
     pub drop_p: f32,
@@ -207,6 +208,7 @@ pub fn adapt(args: &TrainArgs, a: AdaptCli) -> Result<Value> {
     opts.global_weights = a.global_weights;
     opts.entropy_penalty = a.entropy_penalty;
     opts.select = a.select;
+    opts.select_by = a.select_by;
     opts.lorahub_generations = a.lorahub_generations;
     opts.density = a.density;
     opts.drop_p = a.drop_p;

@@ -152,8 +152,9 @@ pub enum Cmd {
         /// Keep only the k bank modules that retrieval ranks best for the few-shot examples.
         #[arg(long)]
         select: Option<usize>,
-        /// Retrieval criterion for --select (arrow: singular-vector prototypes of each module vs the examples).
-        #[arg(long, default_value = "arrow", value_parser = ["arrow"])]
+        /// Retrieval criterion for --select (arrow: singular-vector prototypes of each module vs the examples;
+        /// cka: CKA gain of each module's features with the few-shot labels).
+        #[arg(long, default_value = "arrow", value_parser = ["arrow", "cka"])]
         by: String,
         /// CMA-ES generations for lorahub.
         #[arg(long, default_value_t = 40)]
@@ -424,7 +425,7 @@ pub fn run(cli: Cli) -> Result<()> {
             entropy_penalty,
             export_rank,
             select,
-            by: _,
+            by,
             lorahub_generations,
             density,
             drop_p,
@@ -443,6 +444,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     entropy_penalty,
                     export_rank,
                     select,
+                    select_by: by.parse().map_err(|e: String| anyhow!(e))?,
                     lorahub_generations,
                     density,
                     drop_p,

@@ -3,5 +3,4 @@
 pub mod bench;
 pub mod demo;
 pub mod report;
-pub mod similarity;
 pub mod sweep;

@@ -103,9 +103,10 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
     for c in &ab {
         ab_series.entry(c.method.clone()).or_default().entry(c.n_modules).or_default().push(c.accuracy * 100.0);
     }
-    for c in out.cells.iter().filter(|c| c.kind == "retrieval") {
+    for c in out.cells.iter().filter(|c| c.kind.starts_with("retrieval")) {
+        let by = c.kind.strip_prefix("retrieval-").unwrap_or("arrow");
         ab_series
-            .entry(format!("{} (arrow top-k)", c.method))
+            .entry(format!("{} ({by} top-k)", c.method))
             .or_default()
             .entry(c.n_modules)
             .or_default()

@@ -131,9 +131,15 @@ pub struct Ablation {
     pub methods: Vec<String>,
     #[serde(default)]
     pub tasks: Vec<String>,
-    /// Also run Arrow-style retrieval of the top-k modules for each size k (a curve beside random subsets).
+    /// Also run retrieval of the top-k modules for each size k (a curve beside random subsets).
     #[serde(default)]
     pub retrieval: bool,
+    /// Retrieval criteria for those curves: `arrow` (default) and/or `cka`.
+    #[serde(default = "arrow_only")]
+    pub retrieval_by: Vec<String>,
+}
+fn arrow_only() -> Vec<String> {
+    vec!["arrow".into()]
 }
 fn three() -> usize {
     3
@@ -239,6 +245,9 @@ impl SweepConfig {
         }
         for k in self.adapt.lr.keys() {
             k.parse::<Method>().map_err(|e| anyhow!("field 'adapt.lr': {e}"))?;
+        }
+        for by in self.ablation.iter().flat_map(|a| &a.retrieval_by) {
+            by.parse::<crate::methods::Retrieval>().map_err(|e| anyhow!("field 'ablation.retrieval_by': {e}"))?;
         }
         Ok(())
     }
@@ -488,8 +497,10 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
                     for m in &ab.methods {
                         let key = format!("ablation|{task}|{m}|{size}|{draw}");
                         plan.push((key, task.clone(), m.clone(), ShotSpec(Some(ab.shots)), draw, sub.clone()));
-                        if ab.retrieval {
-                            let key = format!("retrieval|{task}|{m}|{size}|{draw}");
+                        for by in ab.retrieval_by.iter().filter(|_| ab.retrieval) {
+                            // Arrow keeps its original key so that earlier results resume.
+                            let kind = if by == "arrow" { "retrieval".to_string() } else { format!("retrieval-{by}") };
+                            let key = format!("{kind}|{task}|{m}|{size}|{draw}");
                             plan.push((key, task.clone(), m.clone(), ShotSpec(Some(ab.shots)), draw, pool.clone()));
                         }
                     }
@@ -527,8 +538,9 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
             o.lr_head = lr;
         }
         let kind = key.split('|').next().unwrap().to_string();
-        if kind == "retrieval" {
+        if let Some(by) = kind.strip_prefix("retrieval") {
             o.select = key.split('|').nth(3).and_then(|s| s.parse().ok());
+            o.select_by = by.trim_start_matches('-').parse().unwrap_or(crate::methods::Retrieval::Arrow);
         }
         let r = adapt_encoded(lm.encoder.clone(), lm.pad_id(), task.labels.len(), &fs, test, &bank, &o)?;
         let used: Vec<String> = r.used_modules.iter().map(|&i| bank_names[i].clone()).collect();
@@ -595,7 +607,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
             let bank: Vec<Adapter> = names.iter().map(|b| bank_all[b].clone()).collect();
             let pooling = lm.encoder.default_pooling();
             let (_, gains) =
-                super::similarity::module_cka_gain(&lm.encoder, lm.pad_id(), &bank, &probe, classes, pooling)?;
+                crate::methods::similarity::module_cka_gain(&lm.encoder, lm.pad_id(), &bank, &probe, classes, pooling)?;
             cka.insert(d.clone(), names.into_iter().zip(gains).collect());
             pb.inc(1);
         }

@@ -22,6 +22,7 @@ pub mod lora;
 pub mod merges;
 pub mod peers;
 pub mod pretrain;
+pub mod similarity;
 pub mod step;
 pub mod uniform;
 
@@ -106,6 +107,27 @@ impl std::str::FromStr for Method {
     }
 }
 
+/// How `--select k` ranks the bank's modules before composition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Retrieval {
+    /// Arrow-style: each module's top right singular vectors as prototypes, scored against the examples' inputs.
+    Arrow,
+    /// CKA gain of each module alone with the few-shot labels (see `similarity.rs`).
+    Cka,
+}
+
+impl std::str::FromStr for Retrieval {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "arrow" => Ok(Retrieval::Arrow),
+            "cka" => Ok(Retrieval::Cka),
+            _ => Err(format!("unknown retrieval '{s}' (arrow, cka)")),
+        }
+    }
+}
+
 /// Everything a method run needs besides data.
 #[derive(Clone, Debug, Serialize)]
 pub struct AdaptOpts {
@@ -124,6 +146,8 @@ pub struct AdaptOpts {
     pub eval_batch: usize,
     /// Keep only the `k` bank modules that Arrow-style retrieval ranks best for the few-shot examples.
     pub select: Option<usize>,
+    /// How `select` ranks the modules.
+    pub select_by: Retrieval,
     /// CMA-ES generations for LoraHub.
     pub lorahub_generations: usize,
     /// Density kept by TIES / magnitude pruning, drop probability of DARE.
@@ -153,6 +177,7 @@ impl AdaptOpts {
             pooling: Pooling::Mean,
             eval_batch: 64,
             select: None,
+            select_by: Retrieval::Arrow,
             lorahub_generations: 40,
             density: 0.2,
             drop_p: 0.5,
@@ -211,7 +236,10 @@ pub fn adapt_encoded(
     let t0 = Instant::now();
     let mut used_modules: Vec<usize> = (0..bank.len()).collect();
     if let (Some(k), true) = (opts.select, opts.method.needs_bank()) {
-        used_modules = peers::arrow_select(&mut model, bank, train_enc, pad, k)?;
+        used_modules = match opts.select_by {
+            Retrieval::Arrow => peers::arrow_select(&mut model, bank, train_enc, pad, k)?,
+            Retrieval::Cka => similarity::cka_select(&model.encoder, pad, bank, train_enc, classes, opts.pooling, k)?,
+        };
     }
     let sub: Vec<Adapter> = used_modules.iter().map(|&i| bank[i].clone()).collect();
     let bank = &sub[..];

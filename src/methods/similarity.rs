@@ -1,5 +1,5 @@
-//! How related each upstream module is to a downstream task, for the sweep's "does learned composition favour
-//! related modules?" analysis. Two measures:
+//! How related each upstream module is to a downstream task: for the sweep's "does learned composition favour
+//! related modules?" analysis, and for `--select k --by cka` retrieval. Two measures:
 //!
 //! - **cosine**: cosine of the mean base-model embeddings of the two tasks' training texts (cheap, label-blind);
 //! - **CKA gain**: linear CKA (Kornblith et al. 2019) between the representation that module `n` alone gives the
@@ -98,6 +98,30 @@ pub fn module_cka_gain(
     Ok((base, gains))
 }
 
+/// Keep the `k` modules with the largest CKA gain on the few-shot examples (ties by bank order); returns their
+/// bank indices in bank order.
+pub fn cka_select(
+    encoder: &Encoder,
+    pad_id: u32,
+    bank: &[Adapter],
+    examples: &[Encoded],
+    classes: usize,
+    pooling: Pooling,
+    k: usize,
+) -> Result<Vec<usize>> {
+    let (_, gains) = module_cka_gain(encoder, pad_id, bank, examples, classes, pooling)?;
+    Ok(top_k(&gains, k))
+}
+
+/// Indices of the `k` (at least 1) largest scores, ties to the lower index, returned in increasing order.
+pub fn top_k(scores: &[f64], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    idx.truncate(k.max(1));
+    idx.sort();
+    idx
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +150,14 @@ mod tests {
         let (a, b) = (linear_cka(&x, &y, n, d, 3), linear_cka(&z, &y, n, d, 3));
         assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         assert!(a > 0.0 && a < 1.0);
+    }
+
+    #[test]
+    fn top_k_keeps_the_largest_in_bank_order() {
+        assert_eq!(top_k(&[0.1, 0.5, -0.2, 0.5, 0.3], 2), vec![1, 3]);
+        assert_eq!(top_k(&[0.1, 0.5, -0.2, 0.5, 0.3], 3), vec![1, 3, 4]);
+        assert_eq!(top_k(&[0.1, 0.5], 0), vec![1]);
+        assert_eq!(top_k(&[0.1, 0.5], 9), vec![0, 1]);
     }
 
     #[test]
