@@ -65,7 +65,8 @@ fn score(model: &mut Classifier, data: &[Encoded], pad: u32, classes: usize) -> 
     Ok(prototype_loss(&f, &labels, classes, model.encoder.hidden()))
 }
 
-fn set_fixed(model: &mut Classifier, paths: &[String], w: &[f32]) {
+/// Fixed composition weights `w` on every layer in `paths`.
+pub(crate) fn set_fixed(model: &mut Classifier, paths: &[String], w: &[f32]) {
     for p in paths {
         let lin = model.encoder.linear_mut(p).unwrap();
         lin.comp = Composition::Fixed(w.to_vec());

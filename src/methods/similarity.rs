@@ -85,13 +85,9 @@ pub fn module_cka_gain(
     let paths = attach_bank(&mut model, bank, |_, n| Composition::Fixed(vec![0.0; n]))?;
     let mut gains = Vec::with_capacity(bank.len());
     for m in 0..bank.len() {
-        for p in &paths {
-            let lin = model.encoder.linear_mut(p).expect("attached path exists");
-            let mut w = vec![0.0f32; bank.len()];
-            w[m] = 1.0;
-            lin.comp = Composition::Fixed(w);
-            lin.invalidate();
-        }
+        let mut w = vec![0.0f32; bank.len()];
+        w[m] = 1.0;
+        crate::methods::peers::set_fixed(&mut model, &paths, &w);
         let f = features(&mut model, examples, pad_id, 64)?;
         gains.push(linear_cka(&f, &y, n, d, classes) - base);
     }

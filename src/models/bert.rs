@@ -526,19 +526,7 @@ impl Bert {
                 names.push((format!("encoder.layer.{l}.{n}.bias"), vec![d]));
             }
         }
-        let mut tensors = std::collections::BTreeMap::new();
-        for (n, shape) in names {
-            let len: usize = shape.iter().product();
-            let data: Vec<f32> = if n.contains("LayerNorm.weight") {
-                vec![1.0; len]
-            } else if n.ends_with("bias") {
-                vec![0.0; len]
-            } else {
-                (0..len).map(|_| crate::util::normal(&mut rng) * 0.02).collect()
-            };
-            tensors.insert(n, (shape, data));
-        }
-        let mut tf = TensorFile { path: "<random>".into(), tensors, unusable: Default::default() };
+        let mut tf = TensorFile::random(names, &mut rng, |n| n.contains("LayerNorm.weight"));
         Self::from_tensors(cfg, &mut tf)
     }
 

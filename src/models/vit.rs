@@ -572,21 +572,8 @@ impl Vit {
         use rand::SeedableRng;
         cfg.validate()?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut tensors = std::collections::BTreeMap::new();
-        for (n, shape) in Self::tensor_shapes(&cfg) {
-            let len: usize = shape.iter().product();
-            let one =
-                n.ends_with("lambda1") || (n.ends_with(".weight") && (n.contains("norm") || n.contains("layernorm")));
-            let data: Vec<f32> = if one {
-                vec![1.0; len]
-            } else if n.ends_with(".bias") {
-                vec![0.0; len]
-            } else {
-                (0..len).map(|_| crate::util::normal(&mut rng) * 0.02).collect()
-            };
-            tensors.insert(n, (shape, data));
-        }
-        let mut tf = TensorFile { path: "<random>".into(), tensors, unusable: Default::default() };
+        let unit = |n: &str| n.ends_with("lambda1") || (n.ends_with(".weight") && n.contains("norm"));
+        let mut tf = TensorFile::random(Self::tensor_shapes(&cfg), &mut rng, unit);
         Self::from_tensors(cfg, &mut tf)
     }
 

@@ -14,6 +14,30 @@ pub struct TensorFile {
     pub unusable: BTreeMap<String, String>,
 }
 
+impl TensorFile {
+    /// Randomly initialised tensors as `transformers` initialises them, drawn in the order of `names`: ones where
+    /// `unit(name)` (norm scales), zeros for biases, normal(0, 0.02) otherwise.
+    pub fn random(
+        names: impl IntoIterator<Item = (String, Vec<usize>)>,
+        rng: &mut impl rand::Rng,
+        unit: impl Fn(&str) -> bool,
+    ) -> Self {
+        let mut tensors = BTreeMap::new();
+        for (n, shape) in names {
+            let len: usize = shape.iter().product();
+            let data: Vec<f32> = if unit(&n) {
+                vec![1.0; len]
+            } else if n.ends_with("bias") {
+                vec![0.0; len]
+            } else {
+                (0..len).map(|_| crate::util::normal(rng) * 0.02).collect()
+            };
+            tensors.insert(n, (shape, data));
+        }
+        TensorFile { path: "<random>".into(), tensors, unusable: Default::default() }
+    }
+}
+
 /// Decode little-endian bytes of `dtype` into f32.
 pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
