@@ -146,3 +146,59 @@ fn killed_sweep_resumes_to_the_same_results() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
 }
+
+/// `--tasks` runs one downstream task's cells; a later run without it adds the others and keeps the first
+/// task's results; an unknown name is refused before anything is written.
+#[test]
+fn tasks_filter_runs_a_share_and_the_rest_resumes() {
+    let root = common::tmpdir("sweep-tasks");
+    for (name, a, b) in [("up1", "fruit", "vehicle"), ("up2", "weather", "music"), ("down", "animal", "sky")] {
+        write_task(
+            &root.join("data").join(name),
+            &[
+                (a, ["one red thing", "a green one", "the ripe kind", "some sweet ones"]),
+                (b, ["x y", "y z", "z w", "w x"]),
+            ],
+        );
+    }
+    let text = config(&root, 2)
+        .replace("downstream = [\"down\"]", "downstream = [\"down\", \"up2\"]\nexclude_self = true")
+        .replace(
+            "methods = [\"linear-probe\", \"uniform\", \"learned\", \"lora\"]",
+            "methods = [\"uniform\", \"learned\"]",
+        )
+        .replace("[ablation]\nshots = 1\ndraws = 2\n", "");
+    let cfg = root.join("sweep.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let out = root.join("out");
+    let run = |extra: &[&str]| {
+        common::bin()
+            .args(["--threads", "2", "sweep", "--quiet", "--config"])
+            .arg(&cfg)
+            .arg("--out")
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--tasks", "nope"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--tasks") && err.contains("'nope'") && err.contains("down, up2"), "{err}");
+    assert!(!out.exists(), "a refused filter leaves no output");
+
+    let o = run(&["--tasks", "down"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first = results(&out);
+    assert_eq!(first.len(), 2 * 2 * 2, "{:?}", first.keys());
+    assert!(first.keys().all(|k| k.contains("|down|")), "{:?}", first.keys());
+    assert!(out.join("report.md").exists());
+
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let all = results(&out);
+    assert_eq!(all.len(), 2 * 2 * 2 * 2);
+    for (k, v) in &first {
+        assert_eq!(all.get(k), Some(v), "{k}");
+    }
+}

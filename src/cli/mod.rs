@@ -305,6 +305,10 @@ pub enum Cmd {
         /// Start over in an output directory that holds another config's results.
         #[arg(long)]
         force: bool,
+        /// Run only these downstream tasks' cells (comma-separated; a part of a long sweep, or one share of
+        /// it per machine: results of the same config can be concatenated). The report covers every cell done.
+        #[arg(long, value_delimiter = ',')]
+        tasks: Vec<String>,
     },
     /// The paper's three phases end to end on generated data (offline, a few minutes on 2 cores).
     Demo {
@@ -460,9 +464,10 @@ pub fn run(cli: Cli) -> Result<()> {
             let m = commands::eval(&model, &task, &adapter, &split, max_len)?;
             println!("{}", serde_json::to_string_pretty(&m)?);
         }
-        Cmd::Sweep { config, out, quiet, force } => {
+        Cmd::Sweep { config, out, quiet, force, tasks } => {
             let cfg = crate::experiments::sweep::SweepConfig::load(&config)?;
             cfg.check_inputs().map_err(|e| anyhow!("{}: {e:#}", config.display()))?;
+            crate::experiments::sweep::check_tasks(&cfg, &tasks)?;
             let text = std::fs::read_to_string(&config)?;
             let _lock = crate::experiments::sweep::SweepLock::take(&out)?;
             let saved = out.join("config.toml");
@@ -482,7 +487,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
             crate::util::write_atomic(&saved, text.as_bytes())?;
-            let opts = crate::experiments::sweep::SweepOpts { quiet, threads: rayon::current_num_threads() };
+            let opts = crate::experiments::sweep::SweepOpts { quiet, threads: rayon::current_num_threads(), tasks };
             let res = crate::experiments::sweep::run(&cfg, &text, &out, &opts)?;
             println!("{} cells; report: {}", res.cells.len(), out.join("report.md").display());
         }

@@ -334,6 +334,8 @@ fn task_files(dir: &Path) -> Vec<PathBuf> {
 pub struct SweepOpts {
     pub quiet: bool,
     pub threads: usize,
+    /// Downstream tasks whose cells to run (empty: all).
+    pub tasks: Vec<String>,
 }
 
 /// The state the report and plots are drawn from.
@@ -395,9 +397,21 @@ impl Drop for SweepLock {
     }
 }
 
+/// Every name in `tasks` (the `--tasks` filter) must be one of the config's downstream tasks.
+pub fn check_tasks(cfg: &SweepConfig, tasks: &[String]) -> Result<()> {
+    let ablation_tasks = cfg.ablation.as_ref().map(|a| a.tasks.clone()).unwrap_or_default();
+    for t in tasks {
+        if !cfg.downstream.contains(t) && !ablation_tasks.contains(t) {
+            bail!("--tasks: '{t}' is not a downstream task of this config (downstream: {})", cfg.downstream.join(", "));
+        }
+    }
+    Ok(())
+}
+
 /// Run (or resume) a sweep into `out`.
 pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> Result<SweepOutput> {
     let t0 = std::time::Instant::now();
+    check_tasks(cfg, &opts.tasks)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let _lock = SweepLock::take(out)?;
     let results_path = out.join("results.jsonl");
@@ -508,7 +522,10 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
             }
         }
     }
-    let todo: Vec<_> = plan.into_iter().filter(|p| !done.contains(&p.0)).collect();
+    let todo: Vec<_> = plan
+        .into_iter()
+        .filter(|p| !done.contains(&p.0) && (opts.tasks.is_empty() || opts.tasks.contains(&p.1)))
+        .collect();
     log(&format!("sweep '{}': {} cells to run ({} already done)", cfg.name, todo.len(), done.len()));
     let mut tasks: HashMap<String, (Task, Examples, Vec<Encoded>)> = HashMap::new();
     let pb = progress(todo.len(), "cells", opts.quiet);

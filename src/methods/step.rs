@@ -1,7 +1,7 @@
 //! One optimisation step shared by every gradient-based method: forward, backward, AdamW on the trainable
 //! parameters (each with its own learning rate), then the bank layers' cached merges are invalidated.
 
-use crate::engine::param::AdamW;
+use crate::engine::param::{AdamW, NonFinite};
 use crate::models::classifier::Classifier;
 use crate::models::encoder::Input;
 use anyhow::{bail, Result};
@@ -29,12 +29,10 @@ pub fn train_step<'a>(
         h(model);
     }
     for (name, p) in model.trainable_params_mut() {
-        if p.grad.iter().any(|g| !g.is_finite()) {
-            bail!("training diverged at step {t}: gradient of {name} holds NaN or Inf");
-        }
-        opt.step(p, t, lr_for(&name));
-        if p.data.iter().any(|v| !v.is_finite()) {
-            bail!("training diverged at step {t}: {name} holds NaN or Inf after the update");
+        match opt.step_checked(p, t, lr_for(&name)) {
+            Ok(()) => {}
+            Err(NonFinite::Grad) => bail!("training diverged at step {t}: gradient of {name} holds NaN or Inf"),
+            Err(NonFinite::Data) => bail!("training diverged at step {t}: {name} holds NaN or Inf after the update"),
         }
     }
     invalidate(model);

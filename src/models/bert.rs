@@ -156,13 +156,17 @@ impl Bert {
         let mut p = |key: &str, shape: &[usize]| -> Result<Param> {
             Ok(Param::new(shape.to_vec(), tf.take(&format!("{prefix}{key}"), shape)?))
         };
-        let emb = Embeddings {
+        let mut emb = Embeddings {
             word: p("embeddings.word_embeddings.weight", &[cfg.vocab_size, d])?,
             pos: p("embeddings.position_embeddings.weight", &[cfg.max_position_embeddings, d])?,
             typ: p("embeddings.token_type_embeddings.weight", &[cfg.type_vocab_size, d])?,
             ln_g: p("embeddings.LayerNorm.weight", &[d])?,
             ln_b: p("embeddings.LayerNorm.bias", &[d])?,
         };
+        // Tables reached row by row: their gradient and AdamW updates touch only the rows a batch used.
+        for t in [&mut emb.word, &mut emb.pos, &mut emb.typ] {
+            t.set_row_sparse(d);
+        }
         let mut layers = Vec::new();
         for l in 0..cfg.num_hidden_layers {
             let mut lin = |name: &str, o: usize, inp: usize| -> Result<BankLinear> {
@@ -434,15 +438,24 @@ impl Bert {
             // output.dense and GELU
             out.backward(&c.g, &ws.dpre, t, Some(sized(&mut ws.dg, t * inter)), false);
             gelu_backward_inplace(self.gelu, &c.ipre, &mut ws.dg);
-            // residual into h1, plus intermediate.dense
-            sized(&mut ws.dh1, t * d).copy_from_slice(&ws.dpre);
-            inter_l.backward(&c.h1, &ws.dg, t, Some(&mut ws.dh1), true);
+            // gradient of h1: the residual (dpre) plus intermediate.dense's, accumulated in place
+            inter_l.backward(&c.h1, &ws.dg, t, Some(&mut ws.dpre), true);
             // LN1
             let lp =
                 if ln1_g.trainable() { Some((ln1_g.grad.as_mut_slice(), ln1_b.grad.as_mut_slice())) } else { None };
-            layernorm_backward(&ws.dh1, &c.pre1, &c.mean1, &c.rstd1, &ln1_g.data, d, &mut ws.dpre, false, lp);
+            layernorm_backward(
+                &ws.dpre,
+                &c.pre1,
+                &c.mean1,
+                &c.rstd1,
+                &ln1_g.data,
+                d,
+                sized(&mut ws.dh1, t * d),
+                false,
+                lp,
+            );
             // attention output dense
-            attn_out.backward(&c.ctx, &ws.dpre, t, Some(sized(&mut ws.dctx, t * d)), false);
+            attn_out.backward(&c.ctx, &ws.dh1, t, Some(sized(&mut ws.dctx, t * d)), false);
             attention_backward(
                 sh,
                 &c.q,
@@ -455,10 +468,11 @@ impl Bert {
                 sized(&mut ws.dv, t * d),
             );
             if need_dx {
-                ws.dh.copy_from_slice(&ws.dpre);
-                query.backward(x, &ws.dq, t, Some(&mut ws.dh), true);
-                key.backward(x, &ws.dk, t, Some(&mut ws.dh), true);
-                value.backward(x, &ws.dv, t, Some(&mut ws.dh), true);
+                // the layer input's gradient: the residual (dh1) plus the three projections', in place
+                query.backward(x, &ws.dq, t, Some(&mut ws.dh1), true);
+                key.backward(x, &ws.dk, t, Some(&mut ws.dh1), true);
+                value.backward(x, &ws.dv, t, Some(&mut ws.dh1), true);
+                std::mem::swap(&mut ws.dh, &mut ws.dh1);
             } else {
                 query.backward(x, &ws.dq, t, None, false);
                 key.backward(x, &ws.dk, t, None, false);
@@ -485,7 +499,7 @@ impl Bert {
                 let (id, ty, s) = (batch.ids[r] as usize, batch.types[r] as usize, r % batch.seq);
                 for (dst, idx) in [(&mut e.word, id), (&mut e.pos, s), (&mut e.typ, ty)] {
                     if dst.trainable() {
-                        dst.grad[idx * d..(idx + 1) * d].iter_mut().zip(g).for_each(|(a, b)| *a += b);
+                        dst.grad_row_mut(idx, d).iter_mut().zip(g).for_each(|(a, b)| *a += b);
                     }
                 }
             }

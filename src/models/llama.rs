@@ -323,7 +323,8 @@ impl Llama {
         let (qd, kd) = (cfg.num_attention_heads * cfg.head_dim(), cfg.kv_heads() * cfg.head_dim());
         let mut p =
             |key: &str, shape: &[usize]| -> Result<Param> { Ok(Param::new(shape.to_vec(), tf.take(key, shape)?)) };
-        let embed = p("model.embed_tokens.weight", &[v, d])?;
+        let mut embed = p("model.embed_tokens.weight", &[v, d])?;
+        embed.set_row_sparse(d);
         let mut layers = Vec::new();
         for l in 0..cfg.num_hidden_layers {
             let mut lin = |name: &str, o: usize, inp: usize, bias: bool| -> Result<BankLinear> {
@@ -527,7 +528,7 @@ impl Llama {
         if emb_tr {
             for (g, &id) in ws.dh.chunks(d).zip(&batch.ids) {
                 let id = id as usize;
-                self.embed.grad[id * d..(id + 1) * d].iter_mut().zip(g).for_each(|(a, b)| *a += b);
+                self.embed.grad_row_mut(id, d).iter_mut().zip(g).for_each(|(a, b)| *a += b);
             }
         }
         Ok(())
