@@ -192,7 +192,9 @@ fn tasks_filter_runs_a_share_and_the_rest_resumes() {
     let first = results(&out);
     assert_eq!(first.len(), 2 * 2 * 2, "{:?}", first.keys());
     assert!(first.keys().all(|k| k.contains("|down|")), "{:?}", first.keys());
-    assert!(out.join("report.md").exists());
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("**Partial:** 8 of the 16 cells"), "{report}");
+    assert!(report.contains("## Average over the downstream tasks with results (down)"), "{report}");
 
     let o = run(&[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -201,4 +203,7 @@ fn tasks_filter_runs_a_share_and_the_rest_resumes() {
     for (k, v) in &first {
         assert_eq!(all.get(k), Some(v), "{k}");
     }
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(!report.contains("Partial") && report.contains("## Average over downstream tasks"), "{report}");
+    assert!(!report.contains("modules_ablation"), "no ablation configured, none listed: {report}");
 }

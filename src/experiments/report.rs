@@ -40,10 +40,11 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
     writeln!(md, "# {}\n", cfg.name).unwrap();
     writeln!(
         md,
-        "Model `{}`; bank: {} upstream LoRA modules (rank {}, α {}, on {}); {} seeds; {} steps of batch {} per few-shot run. \
+        "Model `{}`; bank: {} upstream LoRA modules{} (rank {}, α {}, on {}); {} seeds; {} steps of batch {} per few-shot run. \
          Accuracy (%) on each task's test split, mean ± std over seeds.\n",
         cfg.model.display(),
         cfg.upstream.len(),
+        if cfg.exclude_self { ", each downstream task's bank without its own module" } else { "" },
         cfg.bank.rank,
         cfg.bank.alpha,
         cfg.bank.targets.join(", "),
@@ -57,8 +58,27 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
             .unwrap();
         writeln!(md, "|---|{}", "---|".repeat(shots.len())).unwrap();
     };
-    // average over tasks: per seed, the mean over tasks that have that seed
-    writeln!(md, "## Average over downstream tasks\n").unwrap();
+    // A share of the grid (`--tasks`, or a sweep still running): say so, and average over the tasks with results.
+    let with_results: Vec<&String> = cfg.downstream.iter().filter(|t| main.iter().any(|c| &c.task == *t)).collect();
+    let planned = cfg.downstream.len() * cfg.shots.len() * cfg.seeds * cfg.methods.len();
+    if main.len() < planned {
+        writeln!(
+            md,
+            "**Partial:** {} of the {planned} cells of the main grid are done ({} of {} downstream tasks have \
+             results); running the same command again completes it.\n",
+            main.len(),
+            with_results.len(),
+            cfg.downstream.len()
+        )
+        .unwrap();
+    }
+    // average over tasks: per seed, the mean over the tasks (with results) that have that seed
+    if with_results.len() == cfg.downstream.len() {
+        writeln!(md, "## Average over downstream tasks\n").unwrap();
+    } else {
+        let names: Vec<&str> = with_results.iter().map(|s| s.as_str()).collect();
+        writeln!(md, "## Average over the downstream tasks with results ({})\n", names.join(", ")).unwrap();
+    }
     header(&mut md);
     let mut avg: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
     for m in methods {
@@ -70,7 +90,7 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
             }
             let v: Vec<f64> = per_seed
                 .values()
-                .filter(|v| v.len() == cfg.downstream.len())
+                .filter(|v| v.len() == with_results.len())
                 .map(|v| v.iter().sum::<f64>() / v.len() as f64)
                 .collect();
             row.push(if v.is_empty() { "–".into() } else { fmt(&v) });
@@ -78,13 +98,13 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
         }
         writeln!(md, "| {m} | {} |", row.join(" | ")).unwrap();
     }
-    for task in &cfg.downstream {
+    for task in &with_results {
         writeln!(md, "\n## {task}\n").unwrap();
         header(&mut md);
         for m in methods {
             let row: Vec<String> = shots
                 .iter()
-                .map(|s| t.get(&(task.clone(), m.clone(), s.clone())).map(|v| fmt(v)).unwrap_or_else(|| "–".into()))
+                .map(|s| t.get(&((*task).clone(), m.clone(), s.clone())).map(|v| fmt(v)).unwrap_or_else(|| "–".into()))
                 .collect();
             writeln!(md, "| {m} | {} |", row.join(" | ")).unwrap();
         }
@@ -168,8 +188,7 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
         .unwrap();
         drawn.push((file, what, per_task));
     }
-    writeln!(md, "\n## Plots\n\n- accuracy_vs_shots.png / .svg\n- modules_ablation.png / .svg\n- heatmap_weights.png / .svg\n- weight_vs_similarity.png / .svg, weight_vs_cka.png / .svg").unwrap();
-    crate::util::write_atomic(&dir.join("report.md"), md.as_bytes())?;
+    let mut plots = vec!["accuracy_vs_shots"];
 
     // plots
     let xs: Vec<(String, f64)> = shots.iter().enumerate().map(|(i, s)| (s.clone(), i as f64)).collect();
@@ -209,6 +228,7 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
             })
             .collect();
         line_plot(dir, "modules_ablation", "Accuracy vs number of upstream modules", "modules", &labels, &series)?;
+        plots.push("modules_ablation");
     }
     if let Some(h) = &cfg.heatmap {
         let shots = h.shots.to_string();
@@ -216,11 +236,18 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
             main.iter().find(|c| c.task == h.task && c.method == "learned" && c.shots == shots && c.seed == 0)
         {
             heatmap(dir, c)?;
+            plots.push("heatmap_weights");
         }
     }
     for (file, what, per_task) in &drawn {
         scatter(dir, file, what, per_task)?;
+        plots.push(file);
     }
+    writeln!(md, "\n## Plots\n").unwrap();
+    for p in plots {
+        writeln!(md, "- {p}.png / .svg").unwrap();
+    }
+    crate::util::write_atomic(&dir.join("report.md"), md.as_bytes())?;
     Ok(())
 }
 
