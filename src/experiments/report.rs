@@ -117,6 +117,16 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
             writeln!(md, "| {m} | {} | {:.2} |", c.trainable_params, mean_std(&secs).0).unwrap();
         }
     }
+    let total: f64 = out.cells.iter().map(|c| c.train_seconds).sum();
+    writeln!(
+        md,
+        "\nTraining time summed over all {} cells: {:.1} min on {} threads (the bank's training and evaluation \
+         not included; manifest.json has the wall time of the last run).",
+        out.cells.len(),
+        total / 60.0,
+        rayon::current_num_threads()
+    )
+    .unwrap();
     // ablation
     let ab: Vec<&Cell> = out.cells.iter().filter(|c| c.kind == "ablation").collect();
     let mut ab_series: BTreeMap<String, BTreeMap<usize, Vec<f64>>> = BTreeMap::new();

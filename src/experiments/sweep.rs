@@ -353,6 +353,14 @@ pub struct SweepOutput {
 /// one this process already holds is shared (the CLI takes it before touching the directory, then calls [`run`]).
 pub struct SweepLock(Option<PathBuf>);
 
+/// Whether process `pid` runs (Linux `/proc/PID/stat`): a zombie — killed, not yet reaped — does not.
+fn process_running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // "pid (comm) S ...": the state follows the last ')', as comm may hold spaces and parentheses.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z') | Some('X') | None)
+}
+
 impl SweepLock {
     pub fn take(out: &Path) -> Result<Self> {
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -370,7 +378,7 @@ impl SweepLock {
                     if pid == Some(std::process::id()) {
                         return Ok(SweepLock(None));
                     }
-                    let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+                    let alive = pid.is_some_and(process_running);
                     if alive || !Path::new("/proc/self").exists() {
                         bail!(
                             "{}: another sweep (process {}) is writing to this directory; wait for it, or delete \
@@ -669,4 +677,27 @@ fn progress(n: usize, what: &str, quiet: bool) -> indicatif::ProgressBar {
             .progress_chars("=> "),
     );
     pb
+}
+
+#[cfg(test)]
+mod tests {
+    use super::process_running;
+
+    /// A lock holder that was killed but not yet reaped (a zombie) counts as gone, so its lock is taken over.
+    #[test]
+    fn zombies_and_missing_pids_do_not_hold_the_lock() {
+        assert!(process_running(std::process::id()));
+        assert!(!process_running(4_194_303));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // not reaped yet: once it has exited it is a zombie
+        let t0 = std::time::Instant::now();
+        while process_running(pid) && t0.elapsed().as_secs() < 10 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        assert!(stat.rsplit_once(')').unwrap().1.trim_start().starts_with('Z'), "{stat}");
+        assert!(!process_running(pid));
+        child.wait().unwrap();
+    }
 }
