@@ -13,6 +13,11 @@ pub struct Param {
     m: Vec<f32>,
     v: Vec<f32>,
     rows: Option<SparseRows>,
+    /// Lazy zeroing (opt-in, for weights whose one writer can overwrite instead of accumulate): `zero_grad`
+    /// only sets `stale`, the writer asks [`Param::grad_beta`] whether to overwrite, and AdamW zeroes a
+    /// gradient still stale (no writer ran) before using it.
+    lazy_zero: bool,
+    stale: bool,
 }
 
 /// Row bookkeeping of an embedding table. Invariants: every gradient row not in `step` is zero, and every
@@ -58,7 +63,16 @@ pub enum NonFinite {
 impl Param {
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
         assert_eq!(shape.iter().product::<usize>(), data.len(), "Param shape {shape:?} vs {} values", data.len());
-        Param { shape, data, grad: Vec::new(), m: Vec::new(), v: Vec::new(), rows: None }
+        Param {
+            shape,
+            data,
+            grad: Vec::new(),
+            m: Vec::new(),
+            v: Vec::new(),
+            rows: None,
+            lazy_zero: false,
+            stale: false,
+        }
     }
     pub fn zeros(shape: Vec<usize>) -> Self {
         let n = shape.iter().product();
@@ -128,7 +142,35 @@ impl Param {
         &mut self.grad[row * row_len..(row + 1) * row_len]
     }
 
+    /// Opt in to lazy zeroing: every code path that writes this gradient must go through
+    /// [`Param::grad_beta`] (for a linear layer's weight: its weight-gradient GEMM).
+    pub fn set_lazy_zero(&mut self) {
+        self.lazy_zero = true;
+    }
+
+    /// For the writer of a lazily zeroed gradient: `0.0` when the buffer is logically zero (overwrite it; the
+    /// flag is cleared), `1.0` when it holds this step's gradient so far (accumulate).
+    pub fn grad_beta(&mut self) -> f32 {
+        if std::mem::take(&mut self.stale) {
+            0.0
+        } else {
+            1.0
+        }
+    }
+
+    /// The gradient with any pending lazy zeroing done.
+    pub fn grad_settled(&mut self) -> &mut [f32] {
+        if std::mem::take(&mut self.stale) {
+            self.grad.iter_mut().for_each(|g| *g = 0.0);
+        }
+        &mut self.grad
+    }
+
     pub fn zero_grad(&mut self) {
+        if self.lazy_zero && self.rows.is_none() {
+            self.stale = !self.grad.is_empty();
+            return;
+        }
         match &mut self.rows {
             Some(r) if !self.grad.is_empty() => {
                 let n = r.row_len;
@@ -215,6 +257,7 @@ impl AdamW {
         if p.grad.is_empty() {
             return Ok(());
         }
+        p.grad_settled();
         if p.m.len() != p.data.len() {
             p.m = vec![0.0; p.data.len()];
             p.v = vec![0.0; p.data.len()];

@@ -14,9 +14,7 @@
 //! coefficients, then `·B_catᵀ`), so this mode always takes it; it is forward-only.
 
 use crate::engine::gemm::{matmul, Trans};
-use crate::engine::kernels::{
-    bias_backward, linear_backward_input, linear_backward_weight, linear_forward, softmax_rows,
-};
+use crate::engine::kernels::{bias_backward, linear_backward_input, linear_forward, softmax_rows};
 use crate::engine::param::Param;
 
 /// One frozen LoRA module of the bank for this layer.
@@ -95,8 +93,10 @@ pub struct BankLinear {
 }
 
 impl BankLinear {
-    pub fn new(w: Param, bias: Option<Param>) -> Self {
+    pub fn new(mut w: Param, bias: Option<Param>) -> Self {
         assert_eq!(w.shape.len(), 2);
+        // `backward` is the weight gradient's only writer (one GEMM that overwrites after a zero_grad).
+        w.set_lazy_zero();
         let (dout, din) = (w.shape[0], w.shape[1]);
         BankLinear {
             din,
@@ -414,7 +414,11 @@ impl BankLinear {
                 self.scratch.resize(dout * din, 0.0);
                 matmul(dout, din, rows, 1.0, dy, Trans::T, x, Trans::N, 0.0, &mut self.scratch);
                 if self.w.trainable() {
-                    self.w.grad.iter_mut().zip(&self.scratch).for_each(|(g, v)| *g += v);
+                    if self.w.grad_beta() == 0.0 {
+                        self.w.grad.copy_from_slice(&self.scratch);
+                    } else {
+                        self.w.grad.iter_mut().zip(&self.scratch).for_each(|(g, v)| *g += v);
+                    }
                 }
                 self.scratch2.resize(rt * din, 0.0);
                 matmul(rt, din, dout, 1.0, &self.b_cat, Trans::T, &self.scratch, Trans::N, 0.0, &mut self.scratch2);
@@ -430,7 +434,8 @@ impl BankLinear {
             }
             _ => {
                 if self.w.trainable() {
-                    linear_backward_weight(dy, x, rows, din, dout, &mut self.w.grad);
+                    let beta = self.w.grad_beta();
+                    matmul(dout, din, rows, 1.0, dy, Trans::T, x, Trans::N, beta, &mut self.w.grad);
                 }
             }
         }
@@ -536,6 +541,40 @@ mod tests {
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// The weight gradient is zeroed lazily: after `zero_grad` the first backward overwrites the stale buffer
+    /// and a second one accumulates, on the plain and the merged learned path alike.
+    #[test]
+    fn lazily_zeroed_weight_gradient_overwrites_then_accumulates() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+        let (din, dout, rows) = (12, 10, 6);
+        for learned in [false, true] {
+            let mut lin = layer(&mut rng, din, dout, &[2, 3], |_| 0.5);
+            if learned {
+                let mut v = Param::zeros(vec![2]);
+                v.set_trainable(true);
+                lin.comp = Composition::Learned(v);
+                lin.force_path = Some(BankPath::Merged);
+            }
+            lin.w.set_trainable(true);
+            let x = rv(&mut rng, rows * din, 1.0);
+            let dy = rv(&mut rng, rows * dout, 1.0);
+            let mut y = vec![0.0; rows * dout];
+            lin.forward(&x, rows, &mut y);
+            lin.backward(&x, &dy, rows, None, false);
+            let once = lin.w.grad.clone();
+            lin.w.grad.iter_mut().for_each(|g| *g = f32::NAN); // stale contents must never be read
+            lin.w.zero_grad();
+            lin.backward(&x, &dy, rows, None, false);
+            assert_eq!(lin.w.grad, once, "learned {learned}");
+            lin.backward(&x, &dy, rows, None, false);
+            let twice: Vec<f32> = once.iter().map(|g| g + g).collect();
+            assert_eq!(lin.w.grad, twice, "learned {learned}");
+            // no writer after zero_grad: the optimiser sees a zero gradient
+            lin.w.zero_grad();
+            assert!(lin.w.grad_settled().iter().all(|&g| g == 0.0));
+        }
     }
 
     /// Group g's rows of a per-group forward against a fixed-composition forward of those rows alone, on both
