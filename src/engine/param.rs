@@ -12,7 +12,7 @@ pub struct Param {
     /// AdamW first and second moments (allocated on first step).
     m: Vec<f32>,
     v: Vec<f32>,
-    rows: Option<SparseRows>,
+    rows: Option<Box<SparseRows>>,
     /// Lazy zeroing (opt-in, for weights whose one writer can overwrite instead of accumulate): `zero_grad`
     /// only sets `stale`, the writer asks [`Param::grad_beta`] whether to overwrite, and AdamW zeroes a
     /// gradient still stale (no writer ran) before using it.
@@ -126,7 +126,7 @@ impl Param {
             s.step = s.seen.clone();
             s.in_step.iter_mut().for_each(|f| *f = true);
         }
-        self.rows = Some(s);
+        self.rows = Some(Box::new(s));
     }
 
     /// The gradient of row `row` (of a row-sparse parameter: the row is recorded as touched this step; of a
