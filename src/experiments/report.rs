@@ -155,8 +155,16 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
             s.dedup();
             s
         };
-        writeln!(md, "| method | {} |", sizes.iter().map(|s| format!("{s} modules")).collect::<Vec<_>>().join(" | "))
-            .unwrap();
+        writeln!(
+            md,
+            "| method | {} |",
+            sizes
+                .iter()
+                .map(|s| format!("{s} module{}", if *s == 1 { "" } else { "s" }))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        )
+        .unwrap();
         writeln!(md, "|---|{}", "---|".repeat(sizes.len())).unwrap();
         for (m, ser) in &ab_series {
             let row: Vec<String> =
