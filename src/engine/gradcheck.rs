@@ -61,7 +61,7 @@ fn linear_backward_matches_fd() {
     let mut dw = vec![0.0; dout * din];
     let mut db = vec![0.0; dout];
     linear_backward_input(&r, &w, rows, din, dout, &mut dx, false);
-    linear_backward_weight(&r, &x, rows, din, dout, &mut dw);
+    linear_backward_weight(&r, &x, rows, din, dout, 1.0, &mut dw);
     bias_backward(&r, rows, dout, &mut db);
     fd_check("linear dx", &x, &dx, 1e-2, 1e-3, |p| f(p, &w, &b));
     fd_check("linear dW", &w, &dw, 1e-2, 1e-3, |p| f(&x, p, &b));

@@ -50,9 +50,11 @@ pub fn linear_backward_input(
     matmul(rows, din, dout, 1.0, dy, Trans::N, w, Trans::N, if accumulate { 1.0 } else { 0.0 }, dx);
 }
 
-/// Weight gradient `dW += dyᵀ·x` (only for trainable weights).
-pub fn linear_backward_weight(dy: &[f32], x: &[f32], rows: usize, din: usize, dout: usize, dw: &mut [f32]) {
-    matmul(dout, din, rows, 1.0, dy, Trans::T, x, Trans::N, 1.0, dw);
+/// Weight gradient `dW = beta·dW + dyᵀ·x` (only for trainable weights): `beta` 1 accumulates, 0 overwrites
+/// (the old contents are then never read).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_weight(dy: &[f32], x: &[f32], rows: usize, din: usize, dout: usize, beta: f32, dw: &mut [f32]) {
+    matmul(dout, din, rows, 1.0, dy, Trans::T, x, Trans::N, beta, dw);
 }
 
 /// Bias gradient `db += Σ_rows dy`.

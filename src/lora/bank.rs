@@ -14,7 +14,9 @@
 //! coefficients, then `·B_catᵀ`), so this mode always takes it; it is forward-only.
 
 use crate::engine::gemm::{matmul, Trans};
-use crate::engine::kernels::{bias_backward, linear_backward_input, linear_forward, softmax_rows};
+use crate::engine::kernels::{
+    bias_backward, linear_backward_input, linear_backward_weight, linear_forward, softmax_rows,
+};
 use crate::engine::param::Param;
 
 /// One frozen LoRA module of the bank for this layer.
@@ -435,7 +437,7 @@ impl BankLinear {
             _ => {
                 if self.w.trainable() {
                     let beta = self.w.grad_beta();
-                    matmul(dout, din, rows, 1.0, dy, Trans::T, x, Trans::N, beta, &mut self.w.grad);
+                    linear_backward_weight(dy, x, rows, din, dout, beta, &mut self.w.grad);
                 }
             }
         }
