@@ -258,17 +258,36 @@ pub fn gelu_backward_inplace(kind: Gelu, x: &[f32], d: &mut [f32]) {
 
 #[inline(always)]
 fn gelu_f_loop(kind: Gelu, x: &[f32], y: &mut [f32]) {
+    // Plain `for` loops, not `for_each`: `for_each` calls `Zip::fold`, which LLVM may keep out of line, and an
+    // out-of-line generic is compiled without the caller's AVX-512 features (the erf backward loop ran 4-wide
+    // that way). `for` only calls the tiny `next`, which always inlines.
     match kind {
-        Gelu::Erf => y.iter_mut().zip(x).for_each(|(o, v)| *o = Gelu::Erf.f(*v)),
-        Gelu::Tanh => y.iter_mut().zip(x).for_each(|(o, v)| *o = Gelu::Tanh.f(*v)),
+        Gelu::Erf => {
+            for (o, v) in y.iter_mut().zip(x) {
+                *o = Gelu::Erf.f(*v);
+            }
+        }
+        Gelu::Tanh => {
+            for (o, v) in y.iter_mut().zip(x) {
+                *o = Gelu::Tanh.f(*v);
+            }
+        }
     }
 }
 
 #[inline(always)]
 fn gelu_df_loop(kind: Gelu, x: &[f32], d: &mut [f32]) {
     match kind {
-        Gelu::Erf => d.iter_mut().zip(x).for_each(|(g, v)| *g *= Gelu::Erf.df(*v)),
-        Gelu::Tanh => d.iter_mut().zip(x).for_each(|(g, v)| *g *= Gelu::Tanh.df(*v)),
+        Gelu::Erf => {
+            for (g, v) in d.iter_mut().zip(x) {
+                *g *= Gelu::Erf.df(*v);
+            }
+        }
+        Gelu::Tanh => {
+            for (g, v) in d.iter_mut().zip(x) {
+                *g *= Gelu::Tanh.df(*v);
+            }
+        }
     }
 }
 
