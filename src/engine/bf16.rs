@@ -215,37 +215,65 @@ mod x86 {
         }
     }
 
-    /// Pack A panel `ip` (rows `ip·MR ..`) into `dst` (`kp · MR` words): `dst[p·MR + r] = (A[i, 2p], A[i, 2p+1])`.
+    /// Whether A panels are packed row by row ([`pack_a_rows`]) rather than pair by pair ([`pack_a_pairs`]):
+    /// when `op(A)`'s rows are contiguous, converting each row in place is a plain vector stream, while the
+    /// pair-major layout would need a transpose.
+    #[inline]
+    pub(super) fn a_rows_layout(a: Mat) -> bool {
+        a.cs == 1
+    }
+
+    /// Pack A panel `ip` (rows `ip·MR ..`) row by row into `dst` (`MR · kp` words):
+    /// `dst[r·kp + p] = (A[i, 2p], A[i, 2p+1])` with `i = ip·MR + r`. Needs `a.cs == 1`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    fn pack_a_panel(a: Mat, m: usize, k: usize, ip: usize, dst: &mut [u32]) {
+    fn pack_a_rows(a: Mat, m: usize, k: usize, ip: usize, dst: &mut [u32]) {
         let kp = k.div_ceil(2);
-        let mut words = [0u32; 16];
-        for r in 0..MR {
+        for (r, out) in dst.chunks_exact_mut(kp).enumerate().take(MR) {
             let i = ip * MR + r;
             if i >= m {
-                for p in 0..kp {
-                    dst[p * MR + r] = 0;
-                }
+                out.fill(0);
                 continue;
             }
+            let row = &a.data[i * a.rs..i * a.rs + k];
             // 32 values of k (16 pairs) at a time
             for p0 in (0..kp).step_by(16) {
                 let k0 = 2 * p0;
-                let v = if a.cs == 1 {
-                    let row = &a.data[i * a.rs..i * a.rs + k];
-                    let lo = load16(&row[k0.min(k)..(k0 + 16).min(k)]);
-                    let hi = load16(&row[(k0 + 16).min(k)..(k0 + 32).min(k)]);
-                    pairs_along(lo, hi)
-                } else {
-                    let lo = gather16(k.saturating_sub(k0).min(16), |q| a.at(i, k0 + q));
-                    let hi = gather16(k.saturating_sub(k0 + 16).min(16), |q| a.at(i, k0 + 16 + q));
-                    pairs_along(lo, hi)
-                };
-                unsafe { _mm512_storeu_si512(words.as_mut_ptr().cast(), v) };
-                for (q, &w) in words.iter().enumerate().take((kp - p0).min(16)) {
-                    dst[(p0 + q) * MR + r] = w;
-                }
+                let lo = load16(&row[k0.min(k)..(k0 + 16).min(k)]);
+                let hi = load16(&row[(k0 + 16).min(k)..(k0 + 32).min(k)]);
+                let v = pairs_along(lo, hi);
+                let len = (kp - p0).min(16);
+                let mask: __mmask16 = if len == 16 { 0xffff } else { ((1u32 << len) - 1) as __mmask16 };
+                // SAFETY: `len` words from `p0` lie inside `out` (kp words).
+                unsafe { _mm512_mask_storeu_epi32(out.as_mut_ptr().add(p0).cast(), mask, v) };
             }
+        }
+    }
+
+    /// Pack A panel `ip` (rows `ip·MR ..`) pair by pair into `dst` (`kp · MR` words):
+    /// `dst[p·MR + r] = (A[i, 2p], A[i, 2p+1])`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn pack_a_pairs(a: Mat, m: usize, k: usize, ip: usize, dst: &mut [u32]) {
+        let kp = k.div_ceil(2);
+        let i0 = ip * MR;
+        let rows = (m - i0).min(MR);
+        let mask: __mmask16 = ((1u32 << MR) - 1) as __mmask16;
+        for p in 0..kp {
+            let v = if a.rs == 1 {
+                // op(A)ᵀ stored row-major: the MR values of one k are contiguous in i
+                let col = |kk: usize| {
+                    if kk < k {
+                        load16(&a.data[i0 + kk * a.cs..i0 + kk * a.cs + rows])
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                };
+                pairs_across(col(2 * p), col(2 * p + 1))
+            } else {
+                let get = |kk: usize| if kk < k { gather16(rows, |r| a.at(i0 + r, kk)) } else { _mm512_setzero_ps() };
+                pairs_across(get(2 * p), get(2 * p + 1))
+            };
+            // SAFETY: the MR words at p·MR lie inside `dst`; lanes ≥ rows are zero (loads above are zero-filled).
+            unsafe { _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(p * MR).cast(), mask, v) };
         }
     }
 
@@ -306,13 +334,14 @@ mod x86 {
     }
 
     /// One MR × NR tile: `acc = Σ_p a[p]·b[p]` over `kp` pairs, then `C = alpha·acc + beta·C` on the first
-    /// `rows` × `cols` entries.
+    /// `rows` × `cols` entries. `ROWS`: the A panel is packed row by row (word `(r, p)` at `r·kp + p`), else
+    /// pair by pair (at `p·MR + r`).
     ///
     /// SAFETY: `pa` holds `kp·MR` words, `pb` `kp·NR`; `c` is valid for `rows` rows of stride `c_rs`, `cols` wide.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile(
+    unsafe fn tile<const ROWS: bool>(
         kp: usize,
         pa: *const u32,
         pb: *const u32,
@@ -328,7 +357,8 @@ mod x86 {
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(pb.add(p * NR).cast()));
             let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(pb.add(p * NR + 16).cast()));
             for (r, acc_r) in acc.iter_mut().enumerate() {
-                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*pa.add(p * MR + r) as i32));
+                let w = if ROWS { *pa.add(r * kp + p) } else { *pa.add(p * MR + r) };
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(w as i32));
                 acc_r[0] = _mm512_dpbf16_ps(acc_r[0], av, b0);
                 acc_r[1] = _mm512_dpbf16_ps(acc_r[1], av, b1);
             }
@@ -375,15 +405,34 @@ mod x86 {
     ) {
         let kp = k.div_ceil(2);
         let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
-        let mut pa = vec![0u32; mp * kp * MR];
-        let mut pb = vec![0u32; np * kp * NR];
+        // Pack buffers are kept per thread and reused: a fresh multi-megabyte allocation per product came back
+        // from the kernel as zeroed pages, one page fault per 4 KiB written. Every word is written by the packing
+        // below, so stale contents never reach the kernel. A nested call on the same thread (a rayon worker
+        // stealing work while it waits) finds the buffers taken and allocates its own.
+        let (mut pa_buf, mut pb_buf) = PACK_BUFS.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        for (buf, len) in [(&mut pa_buf, mp * kp * MR), (&mut pb_buf, np * kp * NR)] {
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+        }
+        let pa = &mut pa_buf[..mp * kp * MR];
+        let pb = &mut pb_buf[..np * kp * NR];
+        let rows_layout = a_rows_layout(a);
+        // SAFETY (all four closures): the caller guarantees the CPU features.
+        let pack_a = |(ip, d): (usize, &mut [u32])| unsafe {
+            if rows_layout {
+                pack_a_rows(a, m, k, ip, d)
+            } else {
+                pack_a_pairs(a, m, k, ip, d)
+            }
+        };
+        let pack_b = |(jp, d): (usize, &mut [u32])| unsafe { pack_b_panel(b, n, k, jp, d) };
         if parallel {
-            // SAFETY (all four): the caller guarantees the CPU features.
-            pa.par_chunks_mut(kp * MR).enumerate().for_each(|(ip, d)| unsafe { pack_a_panel(a, m, k, ip, d) });
-            pb.par_chunks_mut(kp * NR).enumerate().for_each(|(jp, d)| unsafe { pack_b_panel(b, n, k, jp, d) });
+            pa.par_chunks_mut(kp * MR).enumerate().for_each(pack_a);
+            pb.par_chunks_mut(kp * NR).enumerate().for_each(pack_b);
         } else {
-            pa.chunks_mut(kp * MR).enumerate().for_each(|(ip, d)| unsafe { pack_a_panel(a, m, k, ip, d) });
-            pb.chunks_mut(kp * NR).enumerate().for_each(|(jp, d)| unsafe { pack_b_panel(b, n, k, jp, d) });
+            pa.chunks_mut(kp * MR).enumerate().for_each(pack_a);
+            pb.chunks_mut(kp * NR).enumerate().for_each(pack_b);
         }
         // blocks: ≤ MC_PANELS A panels tall; enough column blocks for ~4 tasks per thread
         let rb = mp.div_ceil(MC_PANELS);
@@ -392,7 +441,7 @@ mod x86 {
         let cb = (4 * threads).div_ceil(rb).clamp(1, np);
         let cb_panels = np.div_ceil(cb);
         let cptr = SendPtr(c.as_mut_ptr());
-        let (pa, pb) = (&pa, &pb);
+        let (pa, pb) = (&*pa, &*pb);
         let block = move |blk: usize| {
             let cptr = cptr;
             let (bi, bj) = (blk / cb, blk % cb);
@@ -403,8 +452,9 @@ mod x86 {
                 for ip in ips.clone() {
                     let rows = (m - ip * MR).min(MR);
                     // SAFETY: the tile (ip, jp) lies inside C and belongs to this block only.
+                    let t = if rows_layout { tile::<true> } else { tile::<false> };
                     unsafe {
-                        tile(
+                        t(
                             kp,
                             pa.as_ptr().add(ip * kp * MR),
                             pb.as_ptr().add(jp * kp * NR),
@@ -424,6 +474,12 @@ mod x86 {
         } else {
             (0..rb * cb).for_each(block);
         }
+        PACK_BUFS.with(|b| *b.borrow_mut() = (pa_buf, pb_buf));
+    }
+
+    thread_local! {
+        /// This thread's A and B pack buffers, reused across products.
+        static PACK_BUFS: std::cell::RefCell<(Vec<u32>, Vec<u32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     }
 }
 
