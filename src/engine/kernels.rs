@@ -77,7 +77,139 @@ pub fn bias_backward(dy: &[f32], rows: usize, dout: usize, db: &mut [f32]) {
 // ---------------------------------------------------------------------------------------------------------
 // LayerNorm over the last dimension.
 
+/// Lanes of the row sums below: each row is summed as 16 interleaved partial sums (lane `l` adds entries
+/// `l, l + 16, …` in order), then the lanes pairwise in a fixed tree. A single running sum is one long chain of
+/// dependent additions; 16 lanes are one vector register's worth of independent chains. The order is fixed, so
+/// the wide and scalar builds agree bit for bit and nothing depends on the thread count.
+const LANES: usize = 16;
+
+/// `Σ_i f(i)` over `0..n` in the fixed 16-lane order described at [`LANES`].
+#[inline(always)]
+fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let full = n / LANES * LANES;
+    for c in (0..full).step_by(LANES) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(c + l);
+        }
+    }
+    for (l, a) in acc.iter_mut().enumerate().take(n - full) {
+        *a += f(full + l);
+    }
+    let mut w = LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+/// One LayerNorm row: writes `y`, returns `(mean, rstd)`.
+#[inline(always)]
+fn layernorm_row(xr: &[f32], gamma: &[f32], beta: &[f32], eps: f32, yr: &mut [f32]) -> (f32, f32) {
+    let d = xr.len();
+    let (gamma, beta, yr) = (&gamma[..d], &beta[..d], &mut yr[..d]);
+    let m = lane_sum(d, |i| xr[i]) / d as f32;
+    let var = lane_sum(d, |i| (xr[i] - m) * (xr[i] - m)) / d as f32;
+    let r = 1.0 / (var + eps).sqrt();
+    for i in 0..d {
+        yr[i] = (xr[i] - m) * r * gamma[i] + beta[i];
+    }
+    (m, r)
+}
+
+/// One LayerNorm backward row: `dx = rs·(g − mean(g) − x̂·mean(g·x̂))` with `g = dy·γ`, `x̂ = (x − m)·rs`.
+#[inline(always)]
+fn layernorm_row_backward(dyr: &[f32], xr: &[f32], gamma: &[f32], m: f32, rs: f32, dxr: &mut [f32], accumulate: bool) {
+    let d = xr.len();
+    let (dyr, gamma, dxr) = (&dyr[..d], &gamma[..d], &mut dxr[..d]);
+    let sg = lane_sum(d, |i| dyr[i] * gamma[i]);
+    let sgx = lane_sum(d, |i| dyr[i] * gamma[i] * (xr[i] - m) * rs);
+    let (mg, mgx) = (sg / d as f32, sgx / d as f32);
+    for i in 0..d {
+        let xhat = (xr[i] - m) * rs;
+        let v = rs * (dyr[i] * gamma[i] - mg - xhat * mgx);
+        if accumulate {
+            dxr[i] += v;
+        } else {
+            dxr[i] = v;
+        }
+    }
+}
+
+/// LayerNorm rows of one chunk, `x`, `y` holding `mean.len()` rows of `d`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn layernorm_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, d: usize, y: &mut [f32], mean: &mut [f32], rstd: &mut [f32]) {
+    for (((yr, xr), mu), rs) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(mean.iter_mut()).zip(rstd.iter_mut()) {
+        (*mu, *rs) = layernorm_row(xr, gamma, beta, eps, yr);
+    }
+}
+
+/// The row loops compiled for 16-lane AVX-512: pure IEEE arithmetic in the same order per value (Rust never
+/// contracts to FMA), so the results are bit-identical to the baseline build of the same loops.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn layernorm_rows_avx512(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    d: usize,
+    y: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
+    layernorm_rows(x, gamma, beta, eps, d, y, mean, rstd)
+}
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn layernorm_rows_avx512(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    d: usize,
+    y: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
+    layernorm_rows(x, gamma, beta, eps, d, y, mean, rstd)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn layernorm_row_backward_avx512(
+    dyr: &[f32],
+    xr: &[f32],
+    gamma: &[f32],
+    m: f32,
+    rs: f32,
+    dxr: &mut [f32],
+    accumulate: bool,
+) {
+    layernorm_row_backward(dyr, xr, gamma, m, rs, dxr, accumulate)
+}
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn layernorm_row_backward_avx512(
+    dyr: &[f32],
+    xr: &[f32],
+    gamma: &[f32],
+    m: f32,
+    rs: f32,
+    dxr: &mut [f32],
+    accumulate: bool,
+) {
+    layernorm_row_backward(dyr, xr, gamma, m, rs, dxr, accumulate)
+}
+
 /// `y = (x - mean)/sqrt(var + eps)·γ + β` per row; stores `mean` and `rstd` per row for the backward pass.
+/// Row sums in the fixed 16-lane order of [`LANES`].
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_forward(
     x: &[f32],
@@ -90,19 +222,18 @@ pub fn layernorm_forward(
     rstd: &mut [f32],
 ) {
     let rows = x.len() / d;
+    let wide = wide_simd();
     y[..rows * d]
-        .par_chunks_mut(d)
-        .zip(x.par_chunks(d))
-        .zip(mean[..rows].par_iter_mut().zip(rstd[..rows].par_iter_mut()))
-        .for_each(|((yr, xr), (mu, rs))| {
-            let m = xr.iter().sum::<f32>() / d as f32;
-            let var = xr.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / d as f32;
-            let r = 1.0 / (var + eps).sqrt();
-            for i in 0..d {
-                yr[i] = (xr[i] - m) * r * gamma[i] + beta[i];
+        .par_chunks_mut(d * ROW_CHUNK)
+        .zip(x[..rows * d].par_chunks(d * ROW_CHUNK))
+        .zip(mean[..rows].par_chunks_mut(ROW_CHUNK).zip(rstd[..rows].par_chunks_mut(ROW_CHUNK)))
+        .for_each(|((yc, xc), (mc, rc))| {
+            if wide {
+                // SAFETY: `wide_simd()` checked the CPU features.
+                unsafe { layernorm_rows_avx512(xc, gamma, beta, eps, d, yc, mc, rc) }
+            } else {
+                layernorm_rows(xc, gamma, beta, eps, d, yc, mc, rc)
             }
-            *mu = m;
-            *rs = r;
         });
 }
 
@@ -120,26 +251,16 @@ pub fn layernorm_backward(
     dparams: Option<(&mut [f32], &mut [f32])>,
 ) {
     let rows = x.len() / d;
-    dx[..rows * d].par_chunks_mut(d).enumerate().for_each(|(r, dxr)| {
-        let xr = &x[r * d..(r + 1) * d];
-        let dyr = &dy[r * d..(r + 1) * d];
-        let (m, rs) = (mean[r], rstd[r]);
-        // xhat = (x - m)·rs; g = dy·γ; dx = rs·(g - mean(g) - xhat·mean(g·xhat))
-        let mut sg = 0.0f32;
-        let mut sgx = 0.0f32;
-        for i in 0..d {
-            let g = dyr[i] * gamma[i];
-            sg += g;
-            sgx += g * (xr[i] - m) * rs;
-        }
-        let (mg, mgx) = (sg / d as f32, sgx / d as f32);
-        for i in 0..d {
-            let xhat = (xr[i] - m) * rs;
-            let v = rs * (dyr[i] * gamma[i] - mg - xhat * mgx);
-            if accumulate {
-                dxr[i] += v;
+    let wide = wide_simd();
+    dx[..rows * d].par_chunks_mut(d * ROW_CHUNK).enumerate().for_each(|(c, dxc)| {
+        for (j, dxr) in dxc.chunks_exact_mut(d).enumerate() {
+            let r = c * ROW_CHUNK + j;
+            let (xr, dyr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+            if wide {
+                // SAFETY: as above.
+                unsafe { layernorm_row_backward_avx512(dyr, xr, gamma, mean[r], rstd[r], dxr, accumulate) }
             } else {
-                dxr[i] = v;
+                layernorm_row_backward(dyr, xr, gamma, mean[r], rstd[r], dxr, accumulate)
             }
         }
     });
@@ -424,6 +545,38 @@ fn wide_and_scalar_gelu_are_bit_identical() {
         gelu_df_loop(kind, &x, &mut da);
         gelu_backward_inplace(kind, &x, &mut db);
         assert_eq!(da, db);
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn wide_and_scalar_layernorm_are_bit_identical_and_lane_sums_are_accurate() {
+    // d = 37 has a partial last lane group; 384 is BERT's width
+    for d in [37usize, 384] {
+        let rows = 40;
+        let x: Vec<f32> = (0..rows * d).map(|i| ((i * 7919 % 1013) as f32 - 500.0) * 1e-2 + 3.0).collect();
+        let g: Vec<f32> = (0..d).map(|i| 1.0 + (i % 7) as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..d).map(|i| (i % 5) as f32 * 0.01).collect();
+        let (mut y1, mut m1, mut r1) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
+        layernorm_rows(&x, &g, &b, 1e-5, d, &mut y1, &mut m1, &mut r1);
+        let (mut y2, mut m2, mut r2) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
+        layernorm_forward(&x, &g, &b, 1e-5, d, &mut y2, &mut m2, &mut r2);
+        assert_eq!((&y1, &m1, &r1), (&y2, &m2, &r2));
+        let dy: Vec<f32> = (0..rows * d).map(|i| ((i * 104729 % 997) as f32 - 498.0) * 1e-3).collect();
+        let mut dx1 = vec![0.0; rows * d];
+        for r in 0..rows {
+            let s = r * d..(r + 1) * d;
+            layernorm_row_backward(&dy[s.clone()], &x[s.clone()], &g, m1[r], r1[r], &mut dx1[s], false);
+        }
+        let mut dx2 = vec![0.0; rows * d];
+        layernorm_backward(&dy, &x, &m2, &r2, &g, d, &mut dx2, false, None);
+        assert_eq!(dx1, dx2);
+        // the lane order sums as accurately as a sequential f32 sum (compared in f64)
+        for r in 0..rows {
+            let xr = &x[r * d..(r + 1) * d];
+            let exact: f64 = xr.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+            assert!((m1[r] as f64 - exact).abs() <= 1e-6 * (1.0 + exact.abs()), "row {r}: {} vs {exact}", m1[r]);
+        }
     }
 }
 
