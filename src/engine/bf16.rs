@@ -301,19 +301,15 @@ mod x86 {
                 }
             }
         } else {
-            // columns of op(B) (b.rs == 1: contiguous in k, or general strides): pairs along k, then scatter
-            let mut words = [0u32; 16];
-            for c in 0..NR {
-                let j = j0 + c;
-                if c >= cols {
-                    for p in 0..kp {
-                        dst[p * NR + c] = 0;
-                    }
-                    continue;
-                }
-                for p0 in (0..kp).step_by(16) {
-                    let k0 = 2 * p0;
-                    let v = if b.rs == 1 {
+            // columns of op(B) (b.rs == 1: contiguous in k, or general strides): for each block of 16 pairs,
+            // the 32 columns' pair vectors are formed along k, then transposed in registers so that each pair's
+            // 32 words are two vector stores.
+            for p0 in (0..kp).step_by(16) {
+                let k0 = 2 * p0;
+                let mut v = [[_mm512_setzero_si512(); 16]; 2];
+                for (c, vc) in v.iter_mut().flatten().enumerate().take(cols) {
+                    let j = j0 + c;
+                    *vc = if b.rs == 1 {
                         let col = &b.data[j * b.cs..j * b.cs + k];
                         pairs_along(
                             load16(&col[k0.min(k)..(k0 + 16).min(k)]),
@@ -324,12 +320,47 @@ mod x86 {
                         let hi = gather16(k.saturating_sub(k0 + 16).min(16), |q| b.at(k0 + 16 + q, j));
                         pairs_along(lo, hi)
                     };
-                    unsafe { _mm512_storeu_si512(words.as_mut_ptr().cast(), v) };
-                    for (q, &w) in words.iter().enumerate().take((kp - p0).min(16)) {
-                        dst[(p0 + q) * NR + c] = w;
+                }
+                for (h, half) in v.iter_mut().enumerate() {
+                    transpose16(half);
+                    for (q, w) in half.iter().enumerate().take((kp - p0).min(16)) {
+                        // SAFETY: the 16 words at (p0 + q)·NR + 16h lie inside `dst` (kp · NR words).
+                        unsafe { _mm512_storeu_si512(dst.as_mut_ptr().add((p0 + q) * NR + 16 * h).cast(), *w) };
                     }
                 }
             }
+        }
+    }
+
+    /// In-register transpose of a 16 × 16 matrix of 32-bit words (`r[i]` is row i): after it, `r[j]` holds
+    /// what was column j. Four rounds of 16 shuffles: 32-bit and 64-bit interleaves within 128-bit lanes, then
+    /// two rounds of 128-bit lane shuffles.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: &mut [__m512i; 16]) {
+        let mut a = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        // b[4i + m], lane L: column 4L + m, rows 4i .. 4i + 4
+        let mut b = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+            b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+            b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+            b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+        }
+        for m in 0..4 {
+            // lanes (L0, L2) and (L1, L3) of b[m], b[4 + m], then of b[8 + m], b[12 + m]
+            let c0 = _mm512_shuffle_i32x4::<0x88>(b[m], b[4 + m]);
+            let c1 = _mm512_shuffle_i32x4::<0xdd>(b[m], b[4 + m]);
+            let d0 = _mm512_shuffle_i32x4::<0x88>(b[8 + m], b[12 + m]);
+            let d1 = _mm512_shuffle_i32x4::<0xdd>(b[8 + m], b[12 + m]);
+            r[m] = _mm512_shuffle_i32x4::<0x88>(c0, d0);
+            r[8 + m] = _mm512_shuffle_i32x4::<0xdd>(c0, d0);
+            r[4 + m] = _mm512_shuffle_i32x4::<0x88>(c1, d1);
+            r[12 + m] = _mm512_shuffle_i32x4::<0xdd>(c1, d1);
         }
     }
 
