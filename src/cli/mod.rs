@@ -377,9 +377,20 @@ fn read_texts(path: &std::path::Path) -> Result<Vec<String>> {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
-    if let Some(t) = cli.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().map_err(|e| anyhow!("--threads: {e}"))?;
-    }
+    // The command runs on one of the pool's own workers (`rayon::scope` called from outside the pool runs its
+    // body on a worker): each parallel loop is then shared with the other workers directly, instead of the main
+    // thread handing every loop to the pool and sleeping until it ends, two thread wake-ups per loop and a few
+    // hundred loops per training step (measured: ref4 learned N = 8 bf16 61 → 55 ms). Workers get the main
+    // thread's usual 8 MiB of stack, as the whole command now runs on one.
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(cli.threads.unwrap_or(0))
+        .stack_size(8 << 20)
+        .build_global()
+        .map_err(|e| anyhow!("--threads: {e}"))?;
+    rayon::scope(move |_| run_command(cli))
+}
+
+fn run_command(cli: Cli) -> Result<()> {
     let bf16 = cli.compute == "bf16" || matches!(cli.cmd, Cmd::Bench { bf16: true, .. });
     if bf16 {
         crate::engine::gemm::set_compute(crate::engine::gemm::Compute::Bf16);

@@ -142,7 +142,16 @@ fn layernorm_row_backward(dyr: &[f32], xr: &[f32], gamma: &[f32], m: f32, rs: f3
 /// LayerNorm rows of one chunk, `x`, `y` holding `mean.len()` rows of `d`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn layernorm_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, d: usize, y: &mut [f32], mean: &mut [f32], rstd: &mut [f32]) {
+fn layernorm_rows(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    d: usize,
+    y: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
     for (((yr, xr), mu), rs) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(mean.iter_mut()).zip(rstd.iter_mut()) {
         (*mu, *rs) = layernorm_row(xr, gamma, beta, eps, yr);
     }
