@@ -6,7 +6,7 @@
 //! probabilities `[batch, heads, seq, seq]` are kept for the backward pass. Batches run in parallel.
 
 use super::gemm::matmul_strided;
-use super::kernels::{fast_exp, wide_simd};
+use super::kernels::{fast_exp, lane_sum, wide_simd, LANES};
 use rayon::prelude::*;
 
 /// Shape of one attention call.
@@ -66,25 +66,56 @@ pub fn attention_forward(
 }
 
 /// Softmax over the unmasked entries of one score row (masked entries become 0; an all-masked row is all 0).
-/// The exponentials are computed in their own loop so that it vectorises; the sum runs in index order.
+/// The exponentials are computed in their own loop so that it vectorises. The maximum is taken over 16
+/// interleaved lanes (exact in any order) and the sum in the fixed 16-lane order of [`lane_sum`]: a single
+/// running maximum or sum is a chain of dependent operations as long as the row.
 #[inline(always)]
 fn masked_softmax(row: &mut [f32], m: &[f32]) {
-    let mut mx = f32::NEG_INFINITY;
-    for (x, &mk) in row.iter().zip(m) {
-        if mk != 0.0 && *x > mx {
-            mx = *x;
+    let s = row.len();
+    let m = &m[..s];
+    let mut mx = [f32::NEG_INFINITY; LANES];
+    for (xc, mc) in row.chunks(LANES).zip(m.chunks(LANES)) {
+        for (l, (x, &mk)) in xc.iter().zip(mc).enumerate() {
+            if mk != 0.0 && *x > mx[l] {
+                mx[l] = *x;
+            }
         }
     }
+    let mx = mx.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
     for (x, &mk) in row.iter_mut().zip(m) {
         let e = fast_exp(*x - mx);
         *x = if mk != 0.0 { e } else { 0.0 };
     }
-    let mut sum = 0.0f32;
-    for x in row.iter() {
-        sum += *x;
-    }
+    let sum = lane_sum(s, |i| row[i]);
     let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-    row.iter_mut().for_each(|x| *x *= inv);
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+/// One row of the softmax backward: `dS = P ⊙ (dP − Σ_j dP·P)·scale`, in place on `dr` (holding dP).
+#[inline(always)]
+fn softmax_row_backward(dr: &mut [f32], pr: &[f32], scale: f32) {
+    let pr = &pr[..dr.len()];
+    let dot = lane_sum(dr.len(), |i| dr[i] * pr[i]);
+    for (g, pv) in dr.iter_mut().zip(pr) {
+        *g = pv * (*g - dot) * scale;
+    }
+}
+
+/// [`softmax_row_backward`] over the rows of one head, compiled for AVX-512 (bit-identical, as above).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn softmax_rows_backward_avx512(ds: &mut [f32], p: &[f32], s: usize, scale: f32) {
+    for (dr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
+        softmax_row_backward(dr, pr, scale)
+    }
+}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn softmax_rows_backward_avx512(ds: &mut [f32], p: &[f32], s: usize, scale: f32) {
+    for (dr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
+        softmax_row_backward(dr, pr, scale)
+    }
 }
 
 /// `masked_softmax` compiled for AVX-512 (bit-identical: the same IEEE operations in the same order per entry).
@@ -115,6 +146,7 @@ pub fn attention_backward(
     let d = sh.d();
     let scale = 1.0 / (dh as f32).sqrt();
     let n = batch * s * d;
+    let wide = wide_simd();
     dq[..n]
         .par_chunks_mut(s * d)
         .zip(dk[..n].par_chunks_mut(s * d))
@@ -131,10 +163,12 @@ pub fn attention_backward(
                 // dV = Pᵀ·dctx
                 matmul_strided(s, dh, s, 1.0, p, 1, s, &dctx[off..], d, 1, 0.0, &mut dv_b[h * dh..], d);
                 // dS = P ⊙ (dP − Σ_j dP·P) · scale
-                for (dr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
-                    let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                    for (g, pv) in dr.iter_mut().zip(pr) {
-                        *g = pv * (*g - dot) * scale;
+                if wide {
+                    // SAFETY: `wide_simd()` checked the CPU features.
+                    unsafe { softmax_rows_backward_avx512(&mut ds, p, s, scale) }
+                } else {
+                    for (dr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
+                        softmax_row_backward(dr, pr, scale)
                     }
                 }
                 // dQ = dS·K, dK = dSᵀ·Q
@@ -158,6 +192,16 @@ fn wide_and_scalar_softmax_are_bit_identical() {
             masked_softmax(&mut b, &m);
         }
         assert_eq!(a, b);
+        // the backward rows, wide and scalar
+        let dp: Vec<f32> = (0..s).map(|i| ((i * 104729) % 97) as f32 * 0.05 - 2.0).collect();
+        let (mut ga, mut gb) = (dp.clone(), dp.clone());
+        softmax_row_backward(&mut ga, &a, 0.125);
+        if wide_simd() {
+            unsafe { softmax_rows_backward_avx512(&mut gb, &a, s, 0.125) };
+        } else {
+            softmax_row_backward(&mut gb, &a, 0.125);
+        }
+        assert_eq!(ga, gb);
         let total: f32 = a.iter().sum();
         assert!(m.iter().all(|&x| x == 0.0) && total == 0.0 || (total - 1.0).abs() < 1e-5);
         assert!(a.iter().zip(&m).all(|(p, &mk)| mk != 0.0 || *p == 0.0));

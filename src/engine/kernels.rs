@@ -81,11 +81,11 @@ pub fn bias_backward(dy: &[f32], rows: usize, dout: usize, db: &mut [f32]) {
 /// `l, l + 16, …` in order), then the lanes pairwise in a fixed tree. A single running sum is one long chain of
 /// dependent additions; 16 lanes are one vector register's worth of independent chains. The order is fixed, so
 /// the wide and scalar builds agree bit for bit and nothing depends on the thread count.
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 /// `Σ_i f(i)` over `0..n` in the fixed 16-lane order described at [`LANES`].
 #[inline(always)]
-fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+pub(crate) fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
     let mut acc = [0.0f32; LANES];
     let full = n / LANES * LANES;
     for c in (0..full).step_by(LANES) {
