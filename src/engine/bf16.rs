@@ -158,11 +158,42 @@ pub fn matmul_bf16(
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: the CPU has the target features (checked above) and the asserts bound every operand access.
-        unsafe { x86::matmul(m, n, k, alpha, a, b, beta, c, c_rs, parallel) };
+        unsafe { x86::matmul(m, n, k, alpha, a, b, beta, None, c, c_rs, parallel) };
         return;
     }
     let _ = parallel;
     matmul_bf16_reference(m, n, k, alpha, a, b, beta, c, c_rs);
+}
+
+/// `C[i, j] = alpha·(op(A)·op(B))[i, j] + bias[j]` in bf16 compute: exactly what filling each row of C with
+/// `bias` and then [`matmul_bf16`] with `beta = 1` gives, without the extra pass over C.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_bf16_bias(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Mat,
+    b: Mat,
+    bias: &[f32],
+    c: &mut [f32],
+    c_rs: usize,
+    parallel: bool,
+) {
+    a.check(m, k, "A");
+    b.check(k, n, "B");
+    check_c(m, n, c, c_rs);
+    assert!(bias.len() >= n, "matmul_bf16_bias: bias has {} entries, needs {n}", bias.len());
+    #[cfg(target_arch = "x86_64")]
+    if available() && m > 0 && n > 0 && k > 0 {
+        // SAFETY: as in `matmul_bf16`; the bias holds n entries.
+        unsafe { x86::matmul(m, n, k, alpha, a, b, 0.0, Some(bias), c, c_rs, parallel) };
+        return;
+    }
+    for i in 0..m {
+        c[i * c_rs..i * c_rs + n].copy_from_slice(&bias[..n]);
+    }
+    matmul_bf16(m, n, k, alpha, a, b, 1.0, c, c_rs, parallel);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -378,6 +409,7 @@ mod x86 {
         pb: *const u32,
         alpha: f32,
         beta: f32,
+        bias: Option<*const f32>,
         c: *mut f32,
         c_rs: usize,
         rows: usize,
@@ -404,7 +436,10 @@ mod x86 {
                 }
                 let mask: __mmask16 = if len == 16 { 0xffff } else { ((1u32 << len) - 1) as __mmask16 };
                 let dst = c.add(r * c_rs + 16 * h);
-                let out = if beta == 0.0 {
+                let out = if let Some(bias) = bias {
+                    // beta is 0 here: C = alpha·acc + bias[j], what C = bias then beta = 1 gives
+                    _mm512_fmadd_ps(va, v, _mm512_maskz_loadu_ps(mask, bias.add(16 * h)))
+                } else if beta == 0.0 {
                     _mm512_mul_ps(va, v)
                 } else {
                     _mm512_fmadd_ps(va, v, _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(mask, dst)))
@@ -416,7 +451,8 @@ mod x86 {
 
     #[derive(Clone, Copy)]
     struct SendPtr(*mut f32);
-    // SAFETY: the blocks written through the pointer are disjoint (each task owns its tiles of C).
+    // SAFETY: the blocks written through the pointer are disjoint (each task owns its tiles of C); the bias
+    // is only read.
     unsafe impl Send for SendPtr {}
     unsafe impl Sync for SendPtr {}
 
@@ -430,11 +466,13 @@ mod x86 {
         a: Mat,
         b: Mat,
         beta: f32,
+        bias: Option<&[f32]>,
         c: &mut [f32],
         c_rs: usize,
         parallel: bool,
     ) {
         let kp = k.div_ceil(2);
+        let bias = bias.map(|b| SendPtr(b.as_ptr().cast_mut()));
         let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
         // Pack buffers are kept per thread and reused: a fresh multi-megabyte allocation per product came back
         // from the kernel as zeroed pages, one page fault per 4 KiB written. Every word is written by the packing
@@ -474,7 +512,7 @@ mod x86 {
         let cptr = SendPtr(c.as_mut_ptr());
         let (pa, pb) = (&*pa, &*pb);
         let block = move |blk: usize| {
-            let cptr = cptr;
+            let (cptr, bias) = (cptr, bias);
             let (bi, bj) = (blk / cb, blk % cb);
             let jps = bj * cb_panels..((bj + 1) * cb_panels).min(np);
             let ips = bi * rb_panels..((bi + 1) * rb_panels).min(mp);
@@ -491,6 +529,7 @@ mod x86 {
                             pb.as_ptr().add(jp * kp * NR),
                             alpha,
                             beta,
+                            bias.map(|b| b.0.add(jp * NR).cast_const()),
                             cptr.0.add(ip * MR * c_rs + jp * NR),
                             c_rs,
                             rows,
@@ -627,6 +666,26 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn bias_in_the_output_step_equals_fill_then_beta_one() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for &(m, n, k) in &SHAPES {
+            let a = rand_vec(&mut rng, m * k);
+            let b = rand_vec(&mut rng, k * n);
+            let bias = rand_vec(&mut rng, n);
+            for tb in [false, true] {
+                let (brs, bcs) = strides(k, n, tb);
+                let am = Mat { data: &a, rs: k, cs: 1 };
+                let bm = Mat { data: &b, rs: brs, cs: bcs };
+                let mut want: Vec<f32> = (0..m * n).map(|x| bias[x % n]).collect();
+                matmul_bf16(m, n, k, 1.0, am, bm, 1.0, &mut want, n, true);
+                let mut c = vec![f32::NAN; m * n];
+                matmul_bf16_bias(m, n, k, 1.0, am, bm, &bias, &mut c, n, true);
+                assert!(c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()), "{m}x{n}x{k} tb {tb}");
             }
         }
     }

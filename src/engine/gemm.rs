@@ -156,7 +156,7 @@ pub fn matmul(
     };
     let flops = 2.0 * m as f64 * n as f64 * k as f64;
     let parallel = flops > 2.0e5 && rayon::current_num_threads() > 1;
-    if flops >= BF16_MIN_FLOPS && m >= 16 && n >= 128 && bf16_active() {
+    if bf16_eligible(m, n, k) {
         record(GemmCall { m, n, k, ta, tb, parallel: true, bf16: true });
         let am = super::bf16::Mat { data: a, rs: a_rs as usize, cs: a_cs as usize };
         let bm = super::bf16::Mat { data: b, rs: b_rs as usize, cs: b_cs as usize };
@@ -190,6 +190,54 @@ pub fn matmul(
             par,
         );
     }
+}
+
+/// Whether [`matmul`] runs this product in bf16: bf16 mode is on and the product is large enough
+/// (see [`BF16_MIN_FLOPS`]).
+fn bf16_eligible(m: usize, n: usize, k: usize) -> bool {
+    2.0 * m as f64 * n as f64 * k as f64 >= BF16_MIN_FLOPS && m >= 16 && n >= 128 && bf16_active()
+}
+
+/// `C[i, j] = (op(A)·op(B))[i, j] + bias[j]`, shapes as in [`matmul`]. In bf16 the bias is added in the
+/// kernel's output step; in f32 each row of C is set to the bias and the product accumulated onto it. Both
+/// give exactly what that fill followed by `matmul(.., beta = 1)` gives.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_bias(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    ta: Trans,
+    b: &[f32],
+    tb: Trans,
+    bias: &[f32],
+    c: &mut [f32],
+) {
+    assert!(bias.len() >= n, "matmul_bias: bias has {} entries, needs {n}", bias.len());
+    assert!(c.len() >= m * n, "matmul_bias: C has {} elements, needs {}", c.len(), m * n);
+    if k > 0 && bf16_eligible(m, n, k) {
+        assert!(a.len() >= m * k, "matmul_bias: A has {} elements, needs {}", a.len(), m * k);
+        assert!(b.len() >= k * n, "matmul_bias: B has {} elements, needs {}", b.len(), k * n);
+        record(GemmCall { m, n, k, ta, tb, parallel: true, bf16: true });
+        let am = match ta {
+            Trans::N => super::bf16::Mat { data: a, rs: k, cs: 1 },
+            Trans::T => super::bf16::Mat { data: a, rs: 1, cs: m },
+        };
+        let bm = match tb {
+            Trans::N => super::bf16::Mat { data: b, rs: n, cs: 1 },
+            Trans::T => super::bf16::Mat { data: b, rs: 1, cs: k },
+        };
+        let parallel = rayon::current_num_threads() > 1;
+        super::bf16::matmul_bf16_bias(m, n, k, 1.0, am, bm, &bias[..n], c, n, parallel);
+        return;
+    }
+    use rayon::prelude::*;
+    c[..m * n].par_chunks_mut(n * 16).for_each(|ch| {
+        for r in ch.chunks_mut(n) {
+            r.copy_from_slice(&bias[..n]);
+        }
+    });
+    matmul(m, n, k, 1.0, a, ta, b, tb, 1.0, c);
 }
 
 /// Strided product for callers that already run inside a parallel loop (attention heads): single-threaded.

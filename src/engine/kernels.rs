@@ -21,17 +21,12 @@ fn reduce_partials(partials: &[f32], width: usize, out: &mut [f32]) {
 // ---------------------------------------------------------------------------------------------------------
 // Linear: y = x·Wᵀ + b, W stored [out, in] as in PyTorch / Hugging Face.
 
-use super::gemm::{matmul, Trans};
+use super::gemm::{matmul, matmul_bias, Trans};
 
 /// `y[rows, out] = x[rows, in]·Wᵀ (+ b)`.
 pub fn linear_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, din: usize, dout: usize, y: &mut [f32]) {
     if let Some(b) = b {
-        y[..rows * dout].par_chunks_mut(dout * ROW_CHUNK).for_each(|ch| {
-            for r in ch.chunks_mut(dout) {
-                r.copy_from_slice(b);
-            }
-        });
-        matmul(rows, dout, din, 1.0, x, Trans::N, w, Trans::T, 1.0, y);
+        matmul_bias(rows, dout, din, x, Trans::N, w, Trans::T, b, y);
     } else {
         matmul(rows, dout, din, 1.0, x, Trans::N, w, Trans::T, 0.0, y);
     }
