@@ -162,6 +162,15 @@ impl BankLinear {
         self.merged_ok = false;
     }
 
+    /// After an optimiser step: drop the cached merge only if a step can have changed it, i.e. `w` or the
+    /// composition logits are trainable. A frozen layer with fixed weights (uniform composition, head-only
+    /// training) keeps `W + ΔW` across steps instead of rebuilding it every step.
+    pub fn invalidate_after_step(&mut self) {
+        if self.w.trainable() || self.trainable_logits() {
+            self.merged_ok = false;
+        }
+    }
+
     /// Current module weights `w_n` (softmax of the logits when learned).
     ///
     /// # Panics

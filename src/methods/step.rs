@@ -35,7 +35,10 @@ pub fn train_step<'a>(
             Err(NonFinite::Data) => bail!("training diverged at step {t}: {name} holds NaN or Inf after the update"),
         }
     }
-    invalidate(model);
+    for l in model.encoder.linears_mut() {
+        l.invalidate_after_step();
+    }
+    model.head.invalidate_after_step();
     Ok(loss)
 }
 
