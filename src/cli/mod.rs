@@ -382,11 +382,15 @@ pub fn run(cli: Cli) -> Result<()> {
     // thread handing every loop to the pool and sleeping until it ends, two thread wake-ups per loop and a few
     // hundred loops per training step (measured: ref4 learned N = 8 bf16 61 → 55 ms). Workers get the main
     // thread's usual 8 MiB of stack, as the whole command now runs on one.
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(cli.threads.unwrap_or(0))
-        .stack_size(8 << 20)
-        .build_global()
-        .map_err(|e| anyhow!("--threads: {e}"))?;
+    let built =
+        rayon::ThreadPoolBuilder::new().num_threads(cli.threads.unwrap_or(0)).stack_size(8 << 20).build_global();
+    if let Err(e) = built {
+        // A second `run` in one process (a library caller) finds the pool built: fine unless it asks for
+        // another thread count.
+        if cli.threads.is_some_and(|t| t != rayon::current_num_threads()) {
+            bail!("--threads: {e}");
+        }
+    }
     rayon::scope(move |_| run_command(cli))
 }
 
