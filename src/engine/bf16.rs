@@ -4,8 +4,11 @@
 //! Layout (BLIS-style, everything packed once per call):
 //! - `op(B)` is packed into panels of [`NR`] = 32 columns. A panel stores, for each pair of rows `(2p, 2p+1)`, 32
 //!   u32 words, each the two bf16 values `(B[2p, j], B[2p+1, j])`: exactly the operand `vdpbf16ps` wants.
-//! - `op(A)` is packed into panels of [`MR`] = 12 rows, storing for each `k` pair the 12 words
-//!   `(A[i, 2p], A[i, 2p+1])`, which the microkernel broadcasts.
+//! - `op(A)` is packed into panels of [`MR`] = 12 rows of words `(A[i, 2p], A[i, 2p+1])`, which the microkernel
+//!   broadcasts. When A's rows are contiguous the panel keeps them as rows (word `(r, p)` at `r·kp + p`: packing
+//!   is then a plain conversion stream, and the kernel reads 12 row streams); otherwise it is pair-major (the 12
+//!   words of one pair together, at `p·MR + r`), which transposed A fills with vector loads.
+//! - Pack buffers are kept per thread and reused across products.
 //! - Edges are zero-padded (rows to `MR`, columns to `NR`, `k` to even), so the microkernel always computes a full
 //!   12 × 32 tile in 24 zmm accumulators; stores are masked to the real tile.
 //! - Cache blocking: C is cut into blocks of at most [`MC_PANELS`] A panels × a share of the B panels, the rayon
