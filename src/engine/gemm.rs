@@ -215,6 +215,9 @@ pub fn matmul_bias(
 ) {
     assert!(bias.len() >= n, "matmul_bias: bias has {} entries, needs {n}", bias.len());
     assert!(c.len() >= m * n, "matmul_bias: C has {} elements, needs {}", c.len(), m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
     if k > 0 && bf16_eligible(m, n, k) {
         assert!(a.len() >= m * k, "matmul_bias: A has {} elements, needs {}", a.len(), m * k);
         assert!(b.len() >= k * n, "matmul_bias: B has {} elements, needs {}", b.len(), k * n);
