@@ -6,7 +6,7 @@
 //! probabilities `[batch, heads, seq, seq]` are kept for the backward pass. Batches run in parallel.
 
 use super::gemm::matmul_strided;
-use super::kernels::{fast_exp, lane_sum, wide_simd, LANES};
+use super::kernels::{fast_exp, lane_sum, wide, wide_simd, LANES};
 use rayon::prelude::*;
 
 /// Shape of one attention call.
@@ -103,30 +103,23 @@ fn softmax_row_backward(dr: &mut [f32], pr: &[f32], scale: f32) {
     }
 }
 
-/// [`softmax_row_backward`] over the rows of one head, compiled for AVX-512 (bit-identical, as above).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn softmax_rows_backward_avx512(ds: &mut [f32], p: &[f32], s: usize, scale: f32) {
-    for (dr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
-        softmax_row_backward(dr, pr, scale)
-    }
-}
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn softmax_rows_backward_avx512(ds: &mut [f32], p: &[f32], s: usize, scale: f32) {
+/// [`softmax_row_backward`] over the rows of one head (`s` entries each).
+#[inline(always)]
+fn softmax_rows_backward(ds: &mut [f32], p: &[f32], s: usize, scale: f32) {
     for (dr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
         softmax_row_backward(dr, pr, scale)
     }
 }
 
-/// `masked_softmax` compiled for AVX-512 (bit-identical: the same IEEE operations in the same order per entry).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn masked_softmax_avx512(row: &mut [f32], m: &[f32]) {
-    masked_softmax(row, m)
+wide! {
+    /// [`softmax_rows_backward`] compiled for AVX-512.
+    fn softmax_rows_backward_avx512(ds: &mut [f32], p: &[f32], s: usize, scale: f32) =>
+        softmax_rows_backward(ds, p, s, scale)
 }
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn masked_softmax_avx512(row: &mut [f32], m: &[f32]) {
-    masked_softmax(row, m)
+
+wide! {
+    /// [`masked_softmax`] compiled for AVX-512.
+    fn masked_softmax_avx512(row: &mut [f32], m: &[f32]) => masked_softmax(row, m)
 }
 
 /// Backward: from `dctx` and the cached `probs`, writes `dq`, `dk`, `dv` (overwriting).
@@ -167,9 +160,7 @@ pub fn attention_backward(
                     // SAFETY: `wide_simd()` checked the CPU features.
                     unsafe { softmax_rows_backward_avx512(&mut ds, p, s, scale) }
                 } else {
-                    for (dr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
-                        softmax_row_backward(dr, pr, scale)
-                    }
+                    softmax_rows_backward(&mut ds, p, s, scale)
                 }
                 // dQ = dS·K, dK = dSᵀ·Q
                 matmul_strided(s, dh, s, 1.0, &ds, s, 1, &k[off..], d, 1, 0.0, &mut dq_b[h * dh..], d);

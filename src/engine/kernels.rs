@@ -9,6 +9,29 @@ use rayon::prelude::*;
 /// Rows per parallel chunk. Fixed so that the summation order never depends on the thread count.
 pub const ROW_CHUNK: usize = 16;
 
+/// `wide!(fn name(args) => body)`: an `unsafe fn name` running `body` compiled for 16-lane AVX-512 (the
+/// element-wise loops' wide versions, picked at run time by [`wide_simd`]), and on other architectures the same
+/// body as is. The bodies are pure IEEE arithmetic in a fixed order (Rust never contracts to FMA), so both
+/// builds give bit-identical results. Loops inside must be plain `for` loops (see ARCHITECTURE.md).
+macro_rules! wide {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $body:expr) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name($($arg: $ty),*) {
+            $body
+        }
+        $(#[$doc])*
+        #[cfg(not(target_arch = "x86_64"))]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name($($arg: $ty),*) {
+            $body
+        }
+    };
+}
+pub(crate) use wide;
+
 /// Sum per-chunk partial vectors (each of `width` entries) in chunk order into `out` (accumulating).
 fn reduce_partials(partials: &[f32], width: usize, out: &mut [f32]) {
     for part in partials.chunks(width) {
@@ -152,64 +175,31 @@ fn layernorm_rows(
     }
 }
 
-/// The row loops compiled for 16-lane AVX-512: pure IEEE arithmetic in the same order per value (Rust never
-/// contracts to FMA), so the results are bit-identical to the baseline build of the same loops.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn layernorm_rows_avx512(
-    x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    eps: f32,
-    d: usize,
-    y: &mut [f32],
-    mean: &mut [f32],
-    rstd: &mut [f32],
-) {
-    layernorm_rows(x, gamma, beta, eps, d, y, mean, rstd)
-}
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn layernorm_rows_avx512(
-    x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    eps: f32,
-    d: usize,
-    y: &mut [f32],
-    mean: &mut [f32],
-    rstd: &mut [f32],
-) {
-    layernorm_rows(x, gamma, beta, eps, d, y, mean, rstd)
+wide! {
+    /// [`layernorm_rows`] compiled for AVX-512.
+    fn layernorm_rows_avx512(
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+        d: usize,
+        y: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+    ) => layernorm_rows(x, gamma, beta, eps, d, y, mean, rstd)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn layernorm_row_backward_avx512(
-    dyr: &[f32],
-    xr: &[f32],
-    gamma: &[f32],
-    m: f32,
-    rs: f32,
-    dxr: &mut [f32],
-    accumulate: bool,
-) {
-    layernorm_row_backward(dyr, xr, gamma, m, rs, dxr, accumulate)
-}
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn layernorm_row_backward_avx512(
-    dyr: &[f32],
-    xr: &[f32],
-    gamma: &[f32],
-    m: f32,
-    rs: f32,
-    dxr: &mut [f32],
-    accumulate: bool,
-) {
-    layernorm_row_backward(dyr, xr, gamma, m, rs, dxr, accumulate)
+wide! {
+    /// [`layernorm_row_backward`] compiled for AVX-512.
+    fn layernorm_row_backward_avx512(
+        dyr: &[f32],
+        xr: &[f32],
+        gamma: &[f32],
+        m: f32,
+        rs: f32,
+        dxr: &mut [f32],
+        accumulate: bool,
+    ) => layernorm_row_backward(dyr, xr, gamma, m, rs, dxr, accumulate)
 }
 
 /// `y = (x - mean)/sqrt(var + eps)·γ + β` per row; stores `mean` and `rstd` per row for the backward pass.
@@ -416,26 +406,13 @@ fn gelu_df_loop(kind: Gelu, x: &[f32], d: &mut [f32]) {
     }
 }
 
-// The same loops compiled for 16-lane AVX-512. The arithmetic is pure IEEE (no fused multiply-add is formed,
-// as Rust never contracts), so each lane computes exactly what the scalar loop does: results are
-// bit-identical whichever version runs.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn gelu_f_avx512(kind: Gelu, x: &[f32], y: &mut [f32]) {
-    gelu_f_loop(kind, x, y)
+wide! {
+    /// [`gelu_f_loop`] compiled for AVX-512.
+    fn gelu_f_avx512(kind: Gelu, x: &[f32], y: &mut [f32]) => gelu_f_loop(kind, x, y)
 }
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn gelu_df_avx512(kind: Gelu, x: &[f32], d: &mut [f32]) {
-    gelu_df_loop(kind, x, d)
-}
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn gelu_f_avx512(kind: Gelu, x: &[f32], y: &mut [f32]) {
-    gelu_f_loop(kind, x, y)
-}
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn gelu_df_avx512(kind: Gelu, x: &[f32], d: &mut [f32]) {
-    gelu_df_loop(kind, x, d)
+wide! {
+    /// [`gelu_df_loop`] compiled for AVX-512.
+    fn gelu_df_avx512(kind: Gelu, x: &[f32], d: &mut [f32]) => gelu_df_loop(kind, x, d)
 }
 
 /// Whether the CPU runs the 16-lane versions of the element-wise loops (checked once).
