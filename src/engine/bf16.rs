@@ -148,24 +148,7 @@ pub fn matmul_bf16(
     c_rs: usize,
     parallel: bool,
 ) {
-    a.check(m, k, "A");
-    b.check(k, n, "B");
-    check_c(m, n, c, c_rs);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        scale_c(m, n, beta, c, c_rs);
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: the CPU has the target features (checked above) and the asserts bound every operand access.
-        unsafe { x86::matmul(m, n, k, alpha, a, b, beta, None, c, c_rs, parallel) };
-        return;
-    }
-    let _ = parallel;
-    matmul_bf16_reference(m, n, k, alpha, a, b, beta, c, c_rs);
+    product(m, n, k, alpha, a, b, beta, None, c, c_rs, parallel)
 }
 
 /// `C[i, j] = alpha·(op(A)·op(B))[i, j] + bias[j]` in bf16 compute: exactly what filling each row of C with
@@ -183,20 +166,56 @@ pub fn matmul_bf16_bias(
     c_rs: usize,
     parallel: bool,
 ) {
+    product(m, n, k, alpha, a, b, 0.0, Some(bias), c, c_rs, parallel)
+}
+
+/// Both entry points: `C = alpha·op(A)·op(B) + (bias[j] if given, else beta·C)`.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Mat,
+    b: Mat,
+    beta: f32,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    c_rs: usize,
+    parallel: bool,
+) {
     a.check(m, k, "A");
     b.check(k, n, "B");
     check_c(m, n, c, c_rs);
-    assert!(bias.len() >= n, "matmul_bf16_bias: bias has {} entries, needs {n}", bias.len());
-    #[cfg(target_arch = "x86_64")]
-    if available() && m > 0 && n > 0 && k > 0 {
-        // SAFETY: as in `matmul_bf16`; the bias holds n entries.
-        unsafe { x86::matmul(m, n, k, alpha, a, b, 0.0, Some(bias), c, c_rs, parallel) };
+    if let Some(bias) = bias {
+        assert!(bias.len() >= n, "matmul_bf16_bias: bias has {} entries, needs {n}", bias.len());
+    }
+    if m == 0 || n == 0 {
         return;
     }
-    for i in 0..m {
-        c[i * c_rs..i * c_rs + n].copy_from_slice(&bias[..n]);
+    #[cfg(target_arch = "x86_64")]
+    if k > 0 && available() {
+        // SAFETY: the CPU has the target features (checked above), the asserts bound every operand access and
+        // a bias holds n entries.
+        unsafe { x86::matmul(m, n, k, alpha, a, b, beta, bias, c, c_rs, parallel) };
+        return;
     }
-    matmul_bf16(m, n, k, alpha, a, b, 1.0, c, c_rs, parallel);
+    let _ = parallel;
+    // Elsewhere a bias is C filled with it, then beta = 1.
+    let beta = match bias {
+        Some(bias) => {
+            for i in 0..m {
+                c[i * c_rs..i * c_rs + n].copy_from_slice(&bias[..n]);
+            }
+            1.0
+        }
+        None => beta,
+    };
+    if k == 0 {
+        scale_c(m, n, beta, c, c_rs);
+        return;
+    }
+    matmul_bf16_reference(m, n, k, alpha, a, b, beta, c, c_rs);
 }
 
 #[cfg(target_arch = "x86_64")]
