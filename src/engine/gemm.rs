@@ -94,8 +94,7 @@ pub fn replay(calls: &[GemmCall], reps: usize) -> f64 {
                 if c.parallel {
                     matmul(c.m, c.n, c.k, 1.0, &a, c.ta, &b, c.tb, 0.0, &mut d);
                 } else {
-                    let (ars, acs) = if c.ta == Trans::N { (c.k, 1) } else { (1, c.m) };
-                    let (brs, bcs) = if c.tb == Trans::N { (c.n, 1) } else { (1, c.k) };
+                    let ((ars, acs), (brs, bcs)) = (op_strides(c.ta, c.m, c.k), op_strides(c.tb, c.k, c.n));
                     matmul_strided(c.m, c.n, c.k, 1.0, &a, ars, acs, &b, brs, bcs, 0.0, &mut d, c.n);
                 }
                 best = best.min(t0.elapsed().as_secs_f64());
@@ -105,6 +104,15 @@ pub fn replay(calls: &[GemmCall], reps: usize) -> f64 {
         total += t;
     }
     total
+}
+
+/// (row stride, column stride) of `op(X)`, `[rows, cols]`, for `X` stored row-major as is (`N`: `[rows, cols]`)
+/// or transposed (`T`: `[cols, rows]`).
+fn op_strides(t: Trans, rows: usize, cols: usize) -> (usize, usize) {
+    match t {
+        Trans::N => (cols, 1),
+        Trans::T => (1, rows),
+    }
 }
 
 /// Whether an operand is used as stored or transposed.
@@ -145,21 +153,13 @@ pub fn matmul(
         }
         return;
     }
-    // (row stride, column stride) of op(X) as seen by the kernel.
-    let (a_rs, a_cs) = match ta {
-        Trans::N => (k as isize, 1isize),
-        Trans::T => (1isize, m as isize),
-    };
-    let (b_rs, b_cs) = match tb {
-        Trans::N => (n as isize, 1isize),
-        Trans::T => (1isize, k as isize),
-    };
+    let ((a_rs, a_cs), (b_rs, b_cs)) = (op_strides(ta, m, k), op_strides(tb, k, n));
     let flops = 2.0 * m as f64 * n as f64 * k as f64;
     let parallel = flops > 2.0e5 && rayon::current_num_threads() > 1;
     if bf16_eligible(m, n, k) {
         record(GemmCall { m, n, k, ta, tb, parallel: true, bf16: true });
-        let am = super::bf16::Mat { data: a, rs: a_rs as usize, cs: a_cs as usize };
-        let bm = super::bf16::Mat { data: b, rs: b_rs as usize, cs: b_cs as usize };
+        let am = super::bf16::Mat { data: a, rs: a_rs, cs: a_cs };
+        let bm = super::bf16::Mat { data: b, rs: b_rs, cs: b_cs };
         super::bf16::matmul_bf16(m, n, k, alpha, am, bm, beta, c, n, parallel);
         return;
     }
@@ -177,11 +177,11 @@ pub fn matmul(
             n as isize,
             beta != 0.0,
             a.as_ptr(),
-            a_cs,
-            a_rs,
+            a_cs as isize,
+            a_rs as isize,
             b.as_ptr(),
-            b_cs,
-            b_rs,
+            b_cs as isize,
+            b_rs as isize,
             beta,
             alpha,
             false,
@@ -222,14 +222,9 @@ pub fn matmul_bias(
         assert!(a.len() >= m * k, "matmul_bias: A has {} elements, needs {}", a.len(), m * k);
         assert!(b.len() >= k * n, "matmul_bias: B has {} elements, needs {}", b.len(), k * n);
         record(GemmCall { m, n, k, ta, tb, parallel: true, bf16: true });
-        let am = match ta {
-            Trans::N => super::bf16::Mat { data: a, rs: k, cs: 1 },
-            Trans::T => super::bf16::Mat { data: a, rs: 1, cs: m },
-        };
-        let bm = match tb {
-            Trans::N => super::bf16::Mat { data: b, rs: n, cs: 1 },
-            Trans::T => super::bf16::Mat { data: b, rs: 1, cs: k },
-        };
+        let ((a_rs, a_cs), (b_rs, b_cs)) = (op_strides(ta, m, k), op_strides(tb, k, n));
+        let am = super::bf16::Mat { data: a, rs: a_rs, cs: a_cs };
+        let bm = super::bf16::Mat { data: b, rs: b_rs, cs: b_cs };
         let parallel = rayon::current_num_threads() > 1;
         super::bf16::matmul_bf16_bias(m, n, k, 1.0, am, bm, &bias[..n], c, n, parallel);
         return;
