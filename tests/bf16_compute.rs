@@ -4,7 +4,7 @@
 use loracomp::engine::bf16::{self, Mat};
 use loracomp::engine::gemm::{self, matmul, Compute, Trans};
 use loracomp::engine::param::AdamW;
-use loracomp::methods::step::train_step;
+use loracomp::methods::step::classifier_step;
 use loracomp::models::bert::Batch;
 use rand::{Rng, SeedableRng};
 use std::sync::Mutex;
@@ -74,7 +74,7 @@ fn bf16_training_steps_track_f32() {
         let opt = AdamW { lr: 1e-2, ..Default::default() };
         gemm::start_recording();
         let losses =
-            (1..=5).map(|t| train_step(&mut m, &batch, &labels, &opt, t, &|_| opt.lr, None).unwrap()).collect();
+            (1..=5).map(|t| classifier_step(&mut m, &batch, &labels, &opt, t, &|_| opt.lr, None).unwrap()).collect();
         let in_bf16 = gemm::stop_recording().iter().filter(|c| c.bf16).count();
         assert_eq!(in_bf16 > 0, mode == Compute::Bf16 && bf16::available(), "{mode:?}: {in_bf16} products in bf16");
         gemm::set_compute(Compute::F32);

@@ -3,7 +3,7 @@
 //! so mutations reach the header's JSON and the tensor table instead of dying at the prefix.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use loracomp::models::weights::TensorFile;
+use loracomp::engine::weights::TensorFile;
 use std::path::Path;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,7 +1,5 @@
 //! The `loracomp` command line.
 
-pub mod commands;
-
 use crate::engine::kernels::Pooling;
 use crate::experiments::bench;
 use crate::models::hf::{HfEncoder, DEFAULT_MAX_LEN};
@@ -24,31 +22,7 @@ pub struct Cli {
     pub cmd: Cmd,
 }
 
-/// Few-shot size: a number of examples per class, or `full`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Shots(pub Option<usize>);
-
-impl std::str::FromStr for Shots {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        if s == "full" || s == "all" {
-            return Ok(Shots(None));
-        }
-        match s.parse::<usize>() {
-            Ok(0) | Err(_) => Err(format!("'{s}' is not a positive number of shots or 'full'")),
-            Ok(k) => Ok(Shots(Some(k))),
-        }
-    }
-}
-
-impl std::fmt::Display for Shots {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(k) => write!(f, "{k}"),
-            None => write!(f, "full"),
-        }
-    }
-}
+pub use crate::data::Shots;
 
 /// A count that must be at least 1 (ranks, batch sizes): 0 would otherwise be clamped or written silently.
 fn positive(s: &str) -> std::result::Result<usize, String> {
@@ -61,33 +35,47 @@ fn positive(s: &str) -> std::result::Result<usize, String> {
 /// Options shared by `train` and `adapt`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
-    /// Hugging Face model directory (BERT with tokenizer.json, or ViT / DINOv2 with preprocessor_config.json).
+    /// Hugging Face model directory: BERT (tokenizer.json), ViT / DINOv2 (preprocessor_config.json), T5 /
+    /// Flan-T5 or Llama / Mistral (tokenizer.json); the architecture is read from config.json's model_type.
     #[arg(long)]
     pub model: PathBuf,
-    /// Task directory: text (labels.txt, train/valid/test.jsonl) or image (labels.txt, image.json,
-    /// train/valid/test.bin).
+    /// Task directory: text (labels.txt, train.jsonl, optional valid/test.jsonl) or image (labels.txt,
+    /// image.json, train.bin, optional valid/test.bin).
     #[arg(long)]
     pub task: PathBuf,
+    /// Seed of the few-shot sample, the initialisation and the batch order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Optimisation steps (default: 200 for adapt; for train, from --epochs).
-    #[arg(long)]
+    /// Optimisation steps [default: 100 for adapt; for train, from --epochs].
+    #[arg(long, value_parser = positive)]
     pub steps: Option<usize>,
+    /// Examples per step.
     #[arg(long, default_value_t = 16, value_parser = positive)]
     pub batch: usize,
-    /// Learning rate of the method's parameters (LoRA factors, composition logits, encoder weights).
+    /// Learning rate of the method's own parameters (LoRA factors, composition logits, model weights)
+    /// [default: full 1e-4, lora 1e-3, learned 5e-2]; refused by methods that train none.
     #[arg(long)]
     pub lr: Option<f32>,
-    /// Learning rate of the classifier head.
+    /// Learning rate of the classifier head (encoders) [default: 1e-2; train: 5e-3].
     #[arg(long)]
     pub lr_head: Option<f32>,
+    /// AdamW weight decay.
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f32,
-    /// Pooling of the encoder's output: mean or cls (default: mean for BERT, cls for ViT).
+    /// Pooling of an encoder's output: mean or cls [default: mean for BERT, cls for ViT / DINOv2]; not for
+    /// generative models.
     #[arg(long)]
     pub pooling: Option<Pooling>,
+    /// Truncate token sequences to this many tokens (special tokens included).
     #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
     pub max_len: usize,
+    /// Prompt template of a generative model, with {text} (and {text_pair}) [default: the bare text].
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Split evaluated after training: train, valid or test [default: test when the task has test.jsonl,
+    /// else none].
+    #[arg(long, value_parser = ["train", "valid", "test"])]
+    pub eval_split: Option<String>,
     /// Replace existing results in the output directory.
     #[arg(long)]
     pub force: bool,
@@ -96,105 +84,182 @@ pub struct TrainArgs {
     pub allow_base_mismatch: bool,
 }
 
+impl TrainArgs {
+    fn common(&self) -> crate::app::Common {
+        crate::app::Common {
+            model: self.model.clone(),
+            task: self.task.clone(),
+            seed: self.seed,
+            steps: self.steps,
+            batch: self.batch,
+            lr: self.lr,
+            lr_head: self.lr_head,
+            weight_decay: self.weight_decay,
+            pooling: self.pooling,
+            max_len: self.max_len,
+            force: self.force,
+            allow_base_mismatch: self.allow_base_mismatch,
+            template: self.template.clone(),
+            eval_split: self.eval_split.clone(),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
-    /// Train one upstream LoRA + head on a task (bank building); writes a PEFT adapter and metrics.json.
+    /// Train one upstream LoRA (with a head on an encoder) on a task (bank building); writes a PEFT adapter
+    /// and metrics.json.
     Train {
         #[command(flatten)]
         args: TrainArgs,
         /// Output adapter directory.
         #[arg(long)]
         out: PathBuf,
+        /// LoRA rank.
         #[arg(long, default_value_t = 16, value_parser = positive)]
         rank: usize,
+        /// LoRA alpha (scale alpha / rank).
         #[arg(long, default_value_t = 32.0)]
         alpha: f32,
-        #[arg(long, value_delimiter = ',', default_value = "query,value")]
-        targets: Vec<String>,
-        /// Epochs over the training examples (ignored when --steps is given).
-        #[arg(long, default_value_t = 3)]
+        /// Target modules, comma-separated [default: the attention query and value projections: query,value
+        /// (BERT, ViT), q,v (T5), q_proj,v_proj (Llama)].
+        #[arg(long, value_delimiter = ',')]
+        targets: Option<Vec<String>>,
+        /// Epochs over the training examples (when --steps is not given).
+        #[arg(long, default_value_t = 3, value_parser = positive)]
         epochs: usize,
-        /// Train on K examples per class instead of the whole split.
+        /// Train on K examples per class instead of the whole split (a number, or full).
         #[arg(long)]
         shots: Option<Shots>,
     },
-    /// Adapt to a task from K examples per class with one method; evaluate on test; export the adapter.
+    /// Adapt to a task from K examples per class with one method; evaluate; export a PEFT adapter.
     Adapt {
         #[command(flatten)]
         args: TrainArgs,
+        /// Examples per class sampled from train (a positive number, or full for the whole split).
         #[arg(long)]
         shots: Shots,
-        /// linear-probe | full | lora | uniform | learned
+        /// linear-probe | full | lora | uniform | learned | lorahub | lorahub-compat | task-arithmetic | ties |
+        /// dare | dare-ties | magnitude-prune | best-single (docs/methods.md).
         #[arg(long)]
         method: crate::methods::Method,
-        /// Bank adapter directories (PEFT LoRA).
+        /// Bank adapter directories (PEFT LoRA); needed by every method but linear-probe, full and lora.
         #[arg(long, num_args = 1..)]
         bank: Vec<PathBuf>,
         /// Output directory (metrics.json, adapter/).
         #[arg(long)]
         out: PathBuf,
-        /// LoRA rank for --method lora.
-        #[arg(long, default_value_t = 8, value_parser = positive)]
-        rank: usize,
-        #[arg(long, default_value_t = 16.0)]
-        alpha: f32,
-        #[arg(long, value_delimiter = ',', default_value = "query,value")]
-        targets: Vec<String>,
-        /// Learned composition: one weight vector shared by all layers.
+        /// lora: rank [default: 16].
+        #[arg(long, value_parser = positive)]
+        rank: Option<usize>,
+        /// lora: alpha [default: 32].
+        #[arg(long)]
+        alpha: Option<f32>,
+        /// lora: target modules, comma-separated [default: the attention query and value projections].
+        #[arg(long, value_delimiter = ',')]
+        targets: Option<Vec<String>>,
+        /// learned: one weight vector shared by all layers.
         #[arg(long)]
         global_weights: bool,
-        /// Learned composition: entropy penalty on the module weights.
-        #[arg(long, default_value_t = 0.0)]
-        entropy_penalty: f32,
-        /// Compress the exported LoRA to this rank by truncated SVD (default: exact concatenation).
+        /// learned: entropy penalty on the module weights [default: 0].
+        #[arg(long, allow_hyphen_values = true)]
+        entropy_penalty: Option<f32>,
+        /// Compress the exported LoRA to this rank by truncated SVD [default: exact concatenation]; the
+        /// compressed adapter's accuracy is reported too.
         #[arg(long, value_parser = positive)]
         export_rank: Option<usize>,
-        /// Keep only the k bank modules that retrieval ranks best for the few-shot examples.
+        /// Methods with a bank: keep only the k modules that retrieval ranks best for the few-shot examples.
         #[arg(long)]
         select: Option<usize>,
-        /// Retrieval criterion for --select (arrow: singular-vector prototypes of each module vs the examples;
-        /// cka: CKA gain of each module's features with the few-shot labels).
-        #[arg(long, default_value = "arrow", value_parser = ["arrow", "cka"])]
-        by: String,
-        /// CMA-ES generations for lorahub.
-        #[arg(long, default_value_t = 40)]
-        lorahub_generations: usize,
-        /// Fraction of entries kept by ties / magnitude-prune / dare-ties.
-        #[arg(long, default_value_t = 0.2)]
-        density: f32,
-        /// Drop probability of dare.
-        #[arg(long, default_value_t = 0.5)]
-        drop_p: f32,
+        /// Retrieval criterion for --select: arrow (singular-vector prototypes of each module vs the examples;
+        /// encoders), cka (CKA gain of each module's features with the labels; encoders), loss (each module's
+        /// head-free criterion; every model) [default: arrow on encoders, loss on generative models].
+        #[arg(long)]
+        by: Option<crate::methods::Retrieval>,
+        /// lorahub, lorahub-compat: CMA-ES generations [default: 40].
+        #[arg(long)]
+        lorahub_generations: Option<usize>,
+        /// ties, dare-ties, magnitude-prune: fraction of entries kept, in (0, 1] [default: 0.2].
+        #[arg(long)]
+        density: Option<f32>,
+        /// dare, dare-ties: drop probability, in (0, 1) [default: 0.5].
+        #[arg(long)]
+        drop_p: Option<f32>,
     },
-    /// Compose bank adapters with fixed weights (Σ w_n ΔW_n, exact) and write one PEFT adapter.
+    /// Compose bank adapters with fixed weights (Σ w_n ΔW_n, exact) and write one PEFT adapter; with --task and
+    /// --shots, an encoder gets a head trained on K examples per class of the task.
     Compose {
+        /// Hugging Face model directory the bank was made for.
         #[arg(long)]
         model: PathBuf,
+        /// Bank adapter directories.
         #[arg(long, num_args = 1.., required = true)]
         bank: Vec<PathBuf>,
-        /// One weight per adapter (any real numbers); default uniform 1/N.
+        /// One weight per adapter (any real numbers) [default: uniform 1/N].
         #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
         weights: Vec<f32>,
-        /// Take the classifier head from this bank adapter (0-based).
-        #[arg(long, default_value_t = 0)]
-        head_from: usize,
+        /// Compress the exported LoRA to this rank by truncated SVD.
         #[arg(long, value_parser = positive)]
         export_rank: Option<usize>,
+        /// Task whose labels the composed adapter predicts (a head is trained on it for encoders).
+        #[arg(long, requires = "shots")]
+        task: Option<PathBuf>,
+        /// Examples per class of --task for the head.
+        #[arg(long, requires = "task")]
+        shots: Option<Shots>,
+        /// Seed of the few-shot sample and the head.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Prompt template of a generative model (stored with the adapter).
+        #[arg(long)]
+        template: Option<String>,
+        /// Output adapter directory.
         #[arg(long)]
         out: PathBuf,
+        /// Replace an adapter already in --out.
         #[arg(long)]
         force: bool,
     },
-    /// Evaluate an adapter (as written by train or adapt) on a task split; prints metrics JSON.
+    /// Evaluate an adapter (as written by train, adapt or compose) on a task split; prints metrics JSON.
     Eval {
+        /// Hugging Face model directory.
         #[arg(long)]
         model: PathBuf,
+        /// Task directory.
         #[arg(long)]
         task: PathBuf,
+        /// Adapter directory (a run's adapter/ folder).
         #[arg(long)]
         adapter: PathBuf,
-        #[arg(long, default_value = "test")]
+        /// Split to evaluate: train, valid or test.
+        #[arg(long, default_value = "test", value_parser = ["train", "valid", "test"])]
         split: String,
+        /// Truncate token sequences to this many tokens.
+        #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
+        max_len: usize,
+        /// Accept an adapter whose base_model_name_or_path names another model.
+        #[arg(long)]
+        allow_base_mismatch: bool,
+    },
+    /// Label new texts with an adapter loracomp wrote: one JSON line per input, {"text", "label", "scores"}
+    /// (scores: each label's probability, summing to 1).
+    Predict {
+        /// Hugging Face model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Adapter directory (a run's adapter/ folder, or a train / compose output).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Texts to label.
+        #[arg(long, num_args = 1.., conflicts_with = "input")]
+        text: Vec<String>,
+        /// Second text of each --text, for pair tasks (as many as --text).
+        #[arg(long, num_args = 1.., requires = "text")]
+        text_pair: Vec<String>,
+        /// JSON-lines file with "text" (and "text_pair") per line.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Truncate token sequences to this many tokens.
         #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
         max_len: usize,
     },
@@ -428,7 +493,16 @@ fn run_command(cli: Cli) -> Result<()> {
             out.flush()?;
         }
         Cmd::Train { args, out, rank, alpha, targets, epochs, shots } => {
-            let m = commands::train(&args, &out, rank, alpha, &targets, epochs, shots.and_then(|s| s.0))?;
+            let spec = crate::app::TrainSpec {
+                common: args.common(),
+                out,
+                rank,
+                alpha,
+                targets,
+                epochs,
+                shots: shots.and_then(|s| s.0),
+            };
+            let m = crate::app::train(&spec)?;
             println!("{}", serde_json::to_string_pretty(&m)?);
         }
         Cmd::Adapt {
@@ -449,35 +523,64 @@ fn run_command(cli: Cli) -> Result<()> {
             density,
             drop_p,
         } => {
-            let m = commands::adapt(
-                &args,
-                commands::AdaptCli {
-                    shots,
-                    method,
-                    bank,
-                    out,
+            let spec = crate::app::AdaptSpec {
+                common: args.common(),
+                out,
+                shots,
+                method,
+                bank,
+                options: crate::app::MethodOptions {
                     rank,
                     alpha,
                     targets,
                     global_weights,
                     entropy_penalty,
-                    export_rank,
-                    select,
-                    select_by: by.parse().map_err(|e: String| anyhow!(e))?,
                     lorahub_generations,
                     density,
                     drop_p,
+                    select,
+                    select_by: by,
                 },
-            )?;
+                export_rank,
+            };
+            let m = crate::app::adapt(&spec)?;
             println!("{}", serde_json::to_string_pretty(&m)?);
         }
-        Cmd::Compose { model, bank, weights, head_from, export_rank, out, force } => {
-            let m = commands::compose(&model, &bank, &weights, head_from, export_rank, &out, force)?;
+        Cmd::Compose { model, bank, weights, export_rank, task, shots, seed, template, out, force } => {
+            let spec =
+                crate::app::ComposeSpec { model, bank, weights, export_rank, out, force, task, shots, seed, template };
+            let m = crate::app::compose(&spec)?;
             println!("{}", serde_json::to_string_pretty(&m)?);
         }
-        Cmd::Eval { model, task, adapter, split, max_len } => {
-            let m = commands::eval(&model, &task, &adapter, &split, max_len)?;
+        Cmd::Eval { model, task, adapter, split, max_len, allow_base_mismatch } => {
+            let m = crate::app::eval(&model, &task, &adapter, &split, max_len, allow_base_mismatch)?;
             println!("{}", serde_json::to_string_pretty(&m)?);
+        }
+        Cmd::Predict { model, adapter, text, text_pair, input, max_len } => {
+            let inputs = match input {
+                Some(p) => crate::app::read_predict_inputs(&p)?,
+                None if !text.is_empty() => {
+                    if !text_pair.is_empty() && text_pair.len() != text.len() {
+                        bail!("--text-pair has {} values for {} --text", text_pair.len(), text.len());
+                    }
+                    text.iter()
+                        .enumerate()
+                        .map(|(i, t)| crate::app::PredictInput {
+                            text: t.clone(),
+                            text_pair: text_pair.get(i).cloned(),
+                        })
+                        .collect()
+                }
+                None => bail!("give texts with --text or a JSON-lines file with --input"),
+            };
+            let preds = crate::app::predict(&model, &adapter, &inputs, max_len)?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            for p in preds {
+                serde_json::to_writer(&mut out, &p)?;
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
         }
         Cmd::Sweep { config, out, quiet, force, tasks } => {
             let cfg = crate::experiments::sweep::SweepConfig::load(&config)?;

@@ -18,6 +18,72 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// A few-shot size: K examples per class, or the whole training split (`full`). The one shots type of the
+/// command line, the sweep config, metrics.json and results (a number, or the string "full").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Shots(pub Option<usize>);
+
+impl std::str::FromStr for Shots {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "full" {
+            return Ok(Shots(None));
+        }
+        match s.parse::<usize>() {
+            Ok(0) | Err(_) => Err(format!("'{s}' is not a positive number of shots or 'full'")),
+            Ok(k) => Ok(Shots(Some(k))),
+        }
+    }
+}
+
+impl std::fmt::Display for Shots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(k) => write!(f, "{k}"),
+            None => write!(f, "full"),
+        }
+    }
+}
+
+impl serde::Serialize for Shots {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(k) => s.serialize_u64(k as u64),
+            None => s.serialize_str("full"),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Shots {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Shots;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a positive integer or \"full\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, k: i64) -> std::result::Result<Shots, E> {
+                if k > 0 {
+                    Ok(Shots(Some(k as usize)))
+                } else {
+                    Err(E::custom(format!("shots: expected a positive integer or \"full\", got {k}")))
+                }
+            }
+            fn visit_u64<E: serde::de::Error>(self, k: u64) -> std::result::Result<Shots, E> {
+                self.visit_i64(k.min(i64::MAX as u64) as i64)
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> std::result::Result<Shots, E> {
+                if s == "full" {
+                    Ok(Shots(None))
+                } else {
+                    Err(E::custom(format!("shots: expected a positive integer or \"full\", got \"{s}\"")))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// One labelled text example.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Example {
@@ -168,6 +234,12 @@ impl Task {
             &["labels.txt", "train.jsonl", "valid.jsonl", "test.jsonl"]
         };
         names.iter().map(|f| self.dir.join(f)).collect()
+    }
+
+    /// Whether the task has `split` (its file exists).
+    pub fn has_split(&self, split: &str) -> bool {
+        let ext = if self.image.is_some() { "bin" } else { "jsonl" };
+        self.dir.join(format!("{split}.{ext}")).exists()
     }
 
     /// Read `split` of a text or an image task.

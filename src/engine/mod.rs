@@ -9,6 +9,7 @@ pub mod kernels;
 pub mod llama_ops;
 pub mod param;
 pub mod t5_ops;
+pub mod weights;
 
 #[cfg(test)]
 mod gradcheck;

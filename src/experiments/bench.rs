@@ -8,7 +8,7 @@ use crate::engine::gemm::{self, Compute, GemmCall};
 use crate::engine::kernels::Pooling;
 use crate::engine::param::{AdamW, Param};
 use crate::lora::bank::{Composition, FreshLora, LoraModule};
-use crate::methods::step::train_step;
+use crate::methods::step::classifier_step;
 use crate::models::bert::{Batch, Bert};
 use crate::models::classifier::Classifier;
 use crate::models::config::BertConfig;
@@ -199,7 +199,7 @@ pub fn run(opts: &BenchOpts, mut report: impl FnMut(&BenchResult)) -> Result<Vec
                     if mode == "forward" {
                         m.forward(&batch)?;
                     } else {
-                        train_step(&mut m, &batch, &labels, &opt, it as u64 + 1, &|_| opt.lr, None)?;
+                        classifier_step(&mut m, &batch, &labels, &opt, it as u64 + 1, &|_| opt.lr, None)?;
                     }
                     if it >= opts.warmup {
                         times.push(t0.elapsed().as_secs_f64() * 1e3);
@@ -211,7 +211,7 @@ pub fn run(opts: &BenchOpts, mut report: impl FnMut(&BenchResult)) -> Result<Vec
                     m.forward(&batch)?;
                 } else {
                     let it = (opts.warmup + opts.iters) as u64 + 1;
-                    train_step(&mut m, &batch, &labels, &opt, it, &|_| opt.lr, None)?;
+                    classifier_step(&mut m, &batch, &labels, &opt, it, &|_| opt.lr, None)?;
                 }
                 let calls = crate::engine::gemm::stop_recording();
                 let flop: f64 = calls.iter().map(|c| crate::engine::gemm::matmul_flops(c.m, c.n, c.k)).sum();

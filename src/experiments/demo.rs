@@ -118,9 +118,9 @@ pub fn run(out: &Path, quiet: bool) -> Result<String> {
     opts.lr_head = 1e-2;
     let base = Bert::random(config(), 7)?;
     let pre = adapt(&base, &tok, 12, &pre_train, &pre_test, &[], &opts)?;
-    let bert = pre.model.bert().clone();
+    let bert = pre.model.classifier().expect("a BERT classifier").bert().clone();
     say(&format!("  pre-training accuracy {:.1}%", pre.scores.accuracy * 100.0));
-    crate::models::weights::write_safetensors(&model_dir.join("model.safetensors"), &bert.state_dict(), None)?;
+    crate::engine::weights::write_safetensors(&model_dir.join("model.safetensors"), &bert.state_dict(), None)?;
     crate::util::write_atomic(&model_dir.join("config.json"), serde_json::to_string_pretty(&config())?.as_bytes())?;
 
     // Phase 2: the bank, one LoRA per upstream task.
@@ -138,7 +138,15 @@ pub fn run(out: &Path, quiet: bool) -> Result<String> {
         let r = adapt(&bert, &tok, 4, &train, &test, &[], &o)?;
         let dir = out.join("bank").join(format!("task{i}"));
         let meta = json!({"labels": groups.iter().map(|g| format!("group{g}")).collect::<Vec<_>>(), "pooling": "mean", "task": format!("task{i}")});
-        crate::methods::export::export_adapter(&r.model, &dir, Some(model_dir.display().to_string()), None, &meta)?;
+        let mut r = r;
+        crate::methods::export::export_adapter(
+            r.model.as_dyn(),
+            &dir,
+            Some(model_dir.display().to_string()),
+            None,
+            None,
+            &meta,
+        )?;
         bank.push(Adapter::load(&dir)?);
         say(&format!("  upstream task{i} (groups {groups:?}): accuracy {:.1}%", r.scores.accuracy * 100.0));
     }

@@ -3,8 +3,6 @@
 //! report.md, plots and manifest.json. Each finished cell is appended to results.jsonl at once; a sweep
 //! stopped at any moment resumes where it stopped.
 
-use crate::cli::commands;
-use crate::cli::TrainArgs;
 use crate::data::{Examples, Task};
 use crate::engine::kernels::Pooling;
 use crate::lora::peft::Adapter;
@@ -21,40 +19,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// A shot count: K per class, or the whole training split.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ShotSpec(pub Option<usize>);
-
-impl<'de> Deserialize<'de> for ShotSpec {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let v = toml::Value::deserialize(d)?;
-        match v {
-            toml::Value::Integer(k) if k > 0 => Ok(ShotSpec(Some(k as usize))),
-            toml::Value::String(s) if s == "full" => Ok(ShotSpec(None)),
-            other => {
-                Err(serde::de::Error::custom(format!("shots: expected a positive integer or \"full\", got {other}")))
-            }
-        }
-    }
-}
-
-impl Serialize for ShotSpec {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        match self.0 {
-            Some(k) => s.serialize_u64(k as u64),
-            None => s.serialize_str("full"),
-        }
-    }
-}
-
-impl std::fmt::Display for ShotSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(k) => write!(f, "{k}"),
-            None => write!(f, "full"),
-        }
-    }
-}
+/// A shot count (the one [`crate::data::Shots`] type, under the name sweep configs have always used).
+pub use crate::data::Shots as ShotSpec;
 
 fn default_shots() -> Vec<ShotSpec> {
     [1, 2, 4, 8, 16, 32].iter().map(|&k| ShotSpec(Some(k))).chain([ShotSpec(None)]).collect()
@@ -107,7 +73,7 @@ pub struct AdaptSettings {
 impl Default for AdaptSettings {
     fn default() -> Self {
         AdaptSettings {
-            steps: 100,
+            steps: crate::methods::DEFAULT_STEPS,
             batch: 16,
             max_len: 128,
             lr: BTreeMap::new(),
@@ -451,22 +417,21 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
         let dir = out.join("bank").join(format!("{up}-{}", &key[..12]));
         if !dir.join("metrics.json").exists() {
             pb.set_message(format!("training {up}"));
-            let args = TrainArgs {
-                model: cfg.model.clone(),
-                task: tdir.clone(),
-                seed: cfg.bank.seed,
-                steps: None,
-                batch: cfg.bank.batch,
-                lr: None,
-                lr_head: None,
-                weight_decay: 0.0,
-                pooling: None,
-                max_len: cfg.adapt.max_len,
-                force: true,
-                allow_base_mismatch: false,
+            let mut common = crate::app::Common::new(&cfg.model, &tdir);
+            common.seed = cfg.bank.seed;
+            common.batch = cfg.bank.batch;
+            common.max_len = cfg.adapt.max_len;
+            common.force = true;
+            let spec = crate::app::TrainSpec {
+                common,
+                out: dir.clone(),
+                rank: cfg.bank.rank,
+                alpha: cfg.bank.alpha,
+                targets: Some(cfg.bank.targets.clone()),
+                epochs: cfg.bank.epochs,
+                shots: None,
             };
-            let m =
-                commands::train(&args, &dir, cfg.bank.rank, cfg.bank.alpha, &cfg.bank.targets, cfg.bank.epochs, None)?;
+            let m = crate::app::train(&spec)?;
             log(&format!("bank: {up}: valid accuracy {:.4}", m["valid_accuracy"].as_f64().unwrap_or(0.0)));
         }
         bank_dirs.insert(up.clone(), dir);
@@ -478,6 +443,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
 
     // Phase 3: cells.
     let mut lm = LoadedModel::load(&cfg.model, cfg.adapt.max_len)?;
+    let default_pooling = if lm.is_image() { Pooling::Cls } else { Pooling::Mean };
     let mut plan: Vec<(String, String, String, ShotSpec, u64, Vec<String>)> = Vec::new();
     for task in &cfg.downstream {
         let bank_for: Vec<String> =
@@ -551,7 +517,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
         let bank: Vec<Adapter> =
             if m.needs_bank() { bank_names.iter().map(|b| bank_all[b].clone()).collect() } else { Vec::new() };
         let mut o = AdaptOpts::defaults(m, seed);
-        o.pooling = lm.encoder.default_pooling();
+        o.pooling = default_pooling;
         o.loop_opts.steps = cfg.adapt.steps;
         o.loop_opts.batch = cfg.adapt.batch;
         o.rank = cfg.adapt.lora_rank;
@@ -567,7 +533,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
             o.select = key.split('|').nth(3).and_then(|s| s.parse().ok());
             o.select_by = by.trim_start_matches('-').parse().unwrap_or(crate::methods::Retrieval::Arrow);
         }
-        let r = adapt_encoded(lm.encoder.clone(), lm.pad_id(), task.labels.len(), &fs, test, &bank, &o)?;
+        let r = adapt_encoded(lm.base(&task.labels)?, lm.pad_id(), task.labels.len(), &fs, test, &bank, &o)?;
         let used: Vec<String> = r.used_modules.iter().map(|&i| bank_names[i].clone()).collect();
         let cell = Cell {
             key,
@@ -609,7 +575,9 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
         let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
         (dot / (na * nb).max(1e-12)) as f64
     };
-    if cfg.methods.iter().any(|m| m == "learned") && !cfg.upstream.is_empty() {
+    // (Encoder features only: a generative model has none, and its sweeps report no similarity.)
+    let features = !lm.kind.is_generative();
+    if features && cfg.methods.iter().any(|m| m == "learned") && !cfg.upstream.is_empty() {
         let ups: Vec<(String, Vec<f32>)> = cfg
             .upstream
             .iter()
@@ -622,7 +590,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
     }
     // CKA gain of each module alone with each downstream task's labels (up to 32 training examples a class).
     let mut cka = BTreeMap::new();
-    if cfg.methods.iter().any(|m| m == "learned") && !cfg.upstream.is_empty() {
+    if features && cfg.methods.iter().any(|m| m == "learned") && !cfg.upstream.is_empty() {
         let pb = progress(cfg.downstream.len(), "similarity (CKA)", opts.quiet);
         for d in &cfg.downstream {
             let t = Task::open(&cfg.data.join(d))?;
@@ -630,9 +598,14 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
             let probe = encode_examples(&lm.frontend, &t.examples("train")?.sample_k_shot(classes, Some(32), 0).0)?;
             let names: Vec<String> = cfg.upstream.iter().filter(|u| !(cfg.exclude_self && *u == d)).cloned().collect();
             let bank: Vec<Adapter> = names.iter().map(|b| bank_all[b].clone()).collect();
-            let pooling = lm.encoder.default_pooling();
-            let (_, gains) =
-                crate::methods::similarity::module_cka_gain(&lm.encoder, lm.pad_id(), &bank, &probe, classes, pooling)?;
+            let (_, gains) = crate::methods::similarity::module_cka_gain(
+                lm.encoder()?,
+                lm.pad_id(),
+                &bank,
+                &probe,
+                classes,
+                default_pooling,
+            )?;
             cka.insert(d.clone(), names.into_iter().zip(gains).collect());
             pb.inc(1);
         }

@@ -7,7 +7,7 @@
 //! (`encoder.layer.N…`) are accepted too. The head is stored under modules_to_save keys
 //! (`base_model.model.classifier.weight` / `.bias`, with `"modules_to_save": ["classifier"]`).
 
-use crate::models::weights::{write_safetensors, TensorFile};
+use crate::engine::weights::{write_safetensors, TensorFile};
 use anyhow::{anyhow, bail, Result};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
@@ -331,8 +331,11 @@ pub fn write_adapter(
     std::fs::create_dir_all(dir).map_err(|e| anyhow!("cannot create {}: {e}", dir.display()))?;
     let mut tensors = BTreeMap::new();
     let mut names = std::collections::BTreeSet::new();
+    // A classifier's modules sit under its `bert.` (the model PEFT wraps is BertForSequenceClassification-like);
+    // a generative model's (task_type SEQ_2_SEQ_LM / CAUSAL_LM) are the model's own paths.
+    let prefix = if config.task_type.is_some() { "" } else { "bert." };
     for (path, m) in modules {
-        let full = format!("bert.{path}");
+        let full = format!("{prefix}{path}");
         if m.r != config.r {
             config.rank_pattern.insert(full.clone(), m.r);
         }

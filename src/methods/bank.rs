@@ -1,10 +1,10 @@
 //! Attaching a bank of PEFT adapters to a model's linear layers.
 
+use super::task::TaskModel;
 use crate::engine::param::Param;
 use crate::lora::bank::{Composition, FreshLora};
 use crate::lora::host::attach_adapters;
 use crate::lora::peft::Adapter;
-use crate::models::classifier::Classifier;
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 
@@ -12,11 +12,11 @@ use rand::{Rng, SeedableRng};
 /// target a layer takes part there with rank 0, so module `n` means adapter `n` in every layer), with the
 /// composition `comp(layer_path, N)`. Returns the adapted layer paths.
 pub fn attach_bank(
-    model: &mut Classifier,
+    model: &mut dyn TaskModel,
     bank: &[Adapter],
     comp: impl FnMut(&str, usize) -> Composition,
 ) -> Result<Vec<String>> {
-    attach_adapters(&mut model.encoder, bank, comp)
+    attach_adapters(model, bank, comp)
 }
 
 /// Uniform weights 1/N.
@@ -34,7 +34,7 @@ pub fn learned(n: usize) -> Composition {
 /// A fresh trainable LoRA on every linear layer whose name ends with one of `targets`, initialised as PEFT
 /// does (A Kaiming-uniform with a = √5, i.e. U(±1/√in); B zero). Returns the adapted paths.
 pub fn attach_fresh_lora(
-    model: &mut Classifier,
+    model: &mut dyn TaskModel,
     targets: &[String],
     r: usize,
     alpha: f32,
@@ -42,11 +42,11 @@ pub fn attach_fresh_lora(
 ) -> Result<Vec<String>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x4C6F_5241);
     let mut used = Vec::new();
-    for path in model.encoder.linear_paths() {
+    for path in model.linear_paths() {
         if !targets.iter().any(|t| path == *t || path.ends_with(&format!(".{t}"))) {
             continue;
         }
-        let lin = model.encoder.linear_mut(&path).unwrap();
+        let lin = model.linear_mut(&path).expect("linear_paths lists only existing modules");
         let bound = 1.0 / (lin.din as f32).sqrt();
         let mut a = Param::new(vec![r, lin.din], (0..r * lin.din).map(|_| rng.gen_range(-bound..bound)).collect());
         let mut b = Param::zeros(vec![lin.dout, r]);
@@ -56,30 +56,48 @@ pub fn attach_fresh_lora(
         used.push(path);
     }
     if used.is_empty() {
-        bail!("--targets {targets:?} matches no linear module (names end with query, key, value, attention.output.dense, intermediate.dense, output.dense)");
+        let mut names: Vec<String> =
+            model.linear_paths().iter().map(|p| p.rsplit('.').next().unwrap_or(p).to_string()).collect();
+        names.sort();
+        names.dedup();
+        bail!(
+            "--targets {} matches no linear module of this model (its module names end with: {})",
+            targets.join(","),
+            names.join(", ")
+        );
     }
     Ok(used)
 }
 
 /// Load a single adapter (as `train` or `adapt` wrote it) onto `model` exactly: its LoRA terms with weight 1
-/// and its head. Fails if the head's class count differs from `classes`.
-pub fn apply_adapter(model: &mut Classifier, adapter: &Adapter, classes: usize) -> Result<()> {
+/// and, on a model with a head, its head. Fails if the head's class count differs from `classes`, if a model
+/// with a head gets an adapter without one, or the other way round.
+pub fn apply_adapter(model: &mut dyn TaskModel, adapter: &Adapter, classes: usize) -> Result<()> {
     attach_bank(model, std::slice::from_ref(adapter), |_, n| Composition::Fixed(vec![1.0; n]))?;
+    let Some(head) = model.head_mut() else {
+        if adapter.head.is_some() {
+            bail!(
+                "{}: the adapter has a classifier head (modules_to_save 'classifier'), but a generative model classifies by ranking label strings; was it made for an encoder?",
+                adapter.dir.display()
+            );
+        }
+        return Ok(());
+    };
     let Some((shape, w, b)) = &adapter.head else {
         bail!("{}: the adapter has no classifier head (modules_to_save 'classifier')", adapter.dir.display());
     };
-    if shape[0] != classes || shape[1] != model.encoder.hidden() {
+    if shape[0] != classes || shape[1] != head.din {
         bail!(
             "{}: classifier head is {:?} but the task has {classes} labels and the model {} features",
             adapter.dir.display(),
             shape,
-            model.encoder.hidden()
+            head.din
         );
     }
-    model.head.w.data.copy_from_slice(w);
-    if let Some(bias) = model.head.bias.as_mut() {
+    head.w.data.copy_from_slice(w);
+    if let Some(bias) = head.bias.as_mut() {
         bias.data.copy_from_slice(b);
     }
-    model.head.invalidate();
+    head.invalidate();
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! training loops.
 
 use super::step::{invalidate, train_step, GradHook};
+use super::task::TaskModel;
 use crate::data::{Example, Examples};
 use crate::engine::kernels::{pool_forward, softmax_cross_entropy, Pooling};
 use crate::engine::param::AdamW;
@@ -67,6 +68,14 @@ pub fn encode_examples(front: &Frontend, ex: &Examples) -> Result<Vec<Encoded>> 
     use rayon::prelude::*;
     match (front, ex) {
         (Frontend::Text(tok), Examples::Text(v)) => encode_all(tok, v),
+        (Frontend::Prompt { tok, template, .. }, Examples::Text(v)) => v
+            .iter()
+            .map(|e| {
+                let prompt = Frontend::prompt(template.as_deref(), &e.text, e.pair.as_deref());
+                let (ids, types) = tok.encode(&prompt, None)?;
+                Ok(Encoded { item: Item::Tokens { ids, types }, label: e.label })
+            })
+            .collect(),
         (Frontend::Image { pre, channels }, Examples::Images(shape, v)) => {
             let (c, h, w) = (shape.channels, shape.height, shape.width);
             let out_c = match (c, *channels) {
@@ -100,8 +109,12 @@ pub fn encode_examples(front: &Frontend, ex: &Examples) -> Result<Vec<Encoded>> 
 /// Fail unless the front end takes the task's kind of examples (images or text).
 pub fn check_kind(front: &Frontend, image_task: bool) -> Result<()> {
     match (front, image_task) {
-        (Frontend::Text(_), true) => bail!("an image task needs an image model (ViT); this one is a text model"),
-        (Frontend::Image { .. }, false) => bail!("a text task needs a text model (BERT); this one is an image model"),
+        (Frontend::Text(_) | Frontend::Prompt { .. }, true) => {
+            bail!("an image task needs an image model (ViT, DINOv2); this one is a text model")
+        }
+        (Frontend::Image { .. }, false) => {
+            bail!("a text task needs a text model (BERT, T5, Llama); this one is an image model")
+        }
         _ => Ok(()),
     }
 }
@@ -115,17 +128,20 @@ pub fn embed_examples(
     normalize: bool,
     batch: usize,
 ) -> Result<Vec<Vec<f32>>> {
-    if let (Frontend::Text(tok), Examples::Text(v), Some(bert)) = (&lm.frontend, ex, lm.encoder.bert_mut()) {
+    lm.encoder()?;
+    let (front, encoder) = lm.parts_mut();
+    if let (Frontend::Text(tok), Examples::Text(v), Some(bert)) = (front, ex, encoder.and_then(|e| e.bert_mut())) {
         let texts: Vec<String> = v.iter().map(|e| e.text.clone()).collect();
         return crate::models::hf::embed_texts(bert, tok, &texts, pooling, normalize, batch);
     }
     let enc = encode_examples(&lm.frontend, ex)?;
-    let d = lm.encoder.hidden();
+    let pad = lm.pad_id();
+    let d = lm.encoder()?.hidden();
     let mut out = Vec::with_capacity(enc.len());
     for chunk in enc.chunks(batch.max(1)) {
         let items: Vec<&Encoded> = chunk.iter().collect();
-        let (b, _) = batch_of(&items, lm.pad_id());
-        let (h, mask, seq) = lm.encoder.forward((&b).into())?;
+        let (b, _) = batch_of(&items, pad);
+        let (h, mask, seq) = lm.encoder_mut()?.forward((&b).into())?;
         let mut pooled = vec![0.0; chunk.len() * d];
         pool_forward(pooling, h, &mask, chunk.len(), seq, d, &mut pooled);
         if normalize {
@@ -224,12 +240,11 @@ impl Sampler {
 /// Train the whole model (whatever is trainable) on `data`; `lr_for(name)` gives each parameter's base rate.
 /// Returns the per-step losses.
 pub fn train_model(
-    model: &mut Classifier,
+    model: &mut dyn TaskModel,
     data: &[Encoded],
-    pad_id: u32,
     opts: &LoopOpts,
     lr_for: &dyn Fn(&str) -> f32,
-    mut hook: Option<&mut dyn FnMut(&mut Classifier)>,
+    mut hook: Option<GradHook>,
     mut progress: impl FnMut(usize, f32),
 ) -> Result<Vec<f32>> {
     let opt = AdamW { weight_decay: opts.weight_decay, ..Default::default() };
@@ -238,10 +253,9 @@ pub fn train_model(
     for t in 0..opts.steps {
         let idx = sampler.next_batch();
         let items: Vec<&Encoded> = idx.iter().map(|&i| &data[i]).collect();
-        let (batch, labels) = batch_of(&items, pad_id);
         let f = opts.lr_factor(t);
         let h: Option<GradHook> = hook.as_mut().map(|h| &mut **h as GradHook);
-        let loss = train_step(model, &batch, &labels, &opt, t as u64 + 1, &|n| lr_for(n) * f, h)?;
+        let loss = train_step(model, &items, &opt, t as u64 + 1, &|n| lr_for(n) * f, h)?;
         losses.push(loss);
         progress(t, loss);
     }
@@ -310,22 +324,31 @@ pub fn train_head_on_features(
     Ok(losses)
 }
 
-/// Predictions on `data` (argmax of the logits), in input order.
-pub fn predict(model: &mut Classifier, data: &[Encoded], pad_id: u32, batch: usize) -> Result<Vec<usize>> {
+/// Class scores of `data` (one row of `classes` values per example: logits, or a generative model's answer
+/// log-probabilities), in input order; examples are batched by length.
+pub fn class_scores(model: &mut dyn TaskModel, data: &[Encoded], batch: usize) -> Result<Vec<Vec<f32>>> {
     let mut order: Vec<usize> = (0..data.len()).collect();
     order.sort_by_key(|&i| data[i].len());
-    let mut out = vec![0usize; data.len()];
-    let c = model.classes;
+    let mut out = vec![Vec::new(); data.len()];
+    let c = model.classes();
     for chunk in order.chunks(batch.max(1)) {
         let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
-        let (b, _) = batch_of(&items, pad_id);
-        let logits = model.forward(&b)?;
+        let s = model.class_scores(&items)?;
         for (k, &i) in chunk.iter().enumerate() {
-            let row = &logits[k * c..(k + 1) * c];
-            out[i] = (0..c).fold(0, |best, j| if row[j] > row[best] { j } else { best });
+            out[i] = s[k * c..(k + 1) * c].to_vec();
         }
     }
     Ok(out)
+}
+
+/// The index of a row's largest score (the first on ties).
+pub fn argmax(row: &[f32]) -> usize {
+    (0..row.len()).fold(0, |best, j| if row[j] > row[best] { j } else { best })
+}
+
+/// Predictions on `data` (argmax of the class scores), in input order.
+pub fn predict(model: &mut dyn TaskModel, data: &[Encoded], batch: usize) -> Result<Vec<usize>> {
+    Ok(class_scores(model, data, batch)?.iter().map(|r| argmax(r)).collect())
 }
 
 /// Accuracy and macro-F1 (over the classes present in `gold` or `pred`).

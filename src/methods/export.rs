@@ -5,9 +5,9 @@
 //! `lora_alpha = R` (scale 1). With an export rank `k`, `ΔW` is compressed by truncated SVD (`B = U_k·Σ_k`,
 //! `A = V_kᵀ`) and the relative Frobenius error per layer is reported.
 
+use super::task::TaskModel;
 use crate::lora::bank::BankLinear;
 use crate::lora::peft::{write_adapter, AdapterConfig, ExportModule};
-use crate::models::classifier::Classifier;
 use anyhow::Result;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -88,16 +88,19 @@ pub fn compress(a: &[f32], b: &[f32], r: usize, din: usize, dout: usize, k: usiz
 
 /// Write `model`'s LoRA terms and head as a PEFT adapter in `dir`. Returns the per-layer relative error of
 /// the SVD compression (empty for exact export).
+/// `task_type` is PEFT's (`SEQ_2_SEQ_LM`, `CAUSAL_LM`) for a generative model, which has no head.
 pub fn export_adapter(
-    model: &Classifier,
+    model: &mut dyn TaskModel,
     dir: &Path,
     base: Option<String>,
+    task_type: Option<&str>,
     export_rank: Option<usize>,
     meta: &Value,
 ) -> Result<BTreeMap<String, f64>> {
     let mut modules = BTreeMap::new();
     let mut errors = BTreeMap::new();
-    for (path, lin) in model.encoder.linears() {
+    for (path, lin) in model.named_linears() {
+        let lin: &BankLinear = lin;
         let Some((a, b, r)) = layer_factors(lin) else { continue };
         let (a, b, r) = match export_rank {
             Some(k) if k < r => {
@@ -110,10 +113,15 @@ pub fn export_adapter(
         modules.insert(path, ExportModule { a, b, r, din: lin.din, dout: lin.dout, alpha: r as f64 });
     }
     let r = most_common(modules.values().map(|m| m.r)).unwrap_or(8);
-    let cfg = AdapterConfig::new(r, r as f64, Vec::new(), base);
-    let h = &model.head;
-    let bias = h.bias.as_ref().map(|b| b.data.clone()).unwrap_or_else(|| vec![0.0; h.dout]);
-    write_adapter(dir, cfg, &modules, Some((&h.w.shape, &h.w.data, &bias)), meta)?;
+    let mut cfg = AdapterConfig::new(r, r as f64, Vec::new(), base);
+    cfg.task_type = task_type.map(String::from);
+    match model.head() {
+        Some(h) => {
+            let bias = h.bias.as_ref().map(|b| b.data.clone()).unwrap_or_else(|| vec![0.0; h.dout]);
+            write_adapter(dir, cfg, &modules, Some((&h.w.shape, &h.w.data, &bias)), meta)?;
+        }
+        None => write_adapter(dir, cfg, &modules, None, meta)?,
+    }
     Ok(errors)
 }
 

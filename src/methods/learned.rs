@@ -2,20 +2,20 @@
 //! (uniform), trained with the head; all LoRA factors stay frozen. Options: one global vector shared by every
 //! layer, and an entropy penalty λ·H(softmax(v)) that pushes towards choosing few modules.
 
+use super::task::TaskModel;
 use crate::lora::bank::Composition;
 use crate::lora::peft::Adapter;
-use crate::models::classifier::Classifier;
 use anyhow::Result;
 
-pub fn prepare(model: &mut Classifier, bank: &[Adapter]) -> Result<Vec<String>> {
+pub fn prepare(model: &mut dyn TaskModel, bank: &[Adapter]) -> Result<Vec<String>> {
     super::bank::attach_bank(model, bank, |_, n| super::bank::learned(n))
 }
 
 /// Gradient hook: adds the entropy penalty's gradient and ties the logits when `global`.
-pub fn hook(global: bool, entropy: f32) -> impl FnMut(&mut Classifier) {
-    move |model: &mut Classifier| {
+pub fn hook(global: bool, entropy: f32) -> impl FnMut(&mut dyn TaskModel) {
+    move |model: &mut dyn TaskModel| {
         let mut logits: Vec<&mut crate::engine::param::Param> = Vec::new();
-        for lin in model.encoder.linears_mut() {
+        for lin in model.all_linears_mut() {
             if let Composition::Learned(p) = &mut lin.comp {
                 logits.push(p);
             }

@@ -24,6 +24,7 @@ pub mod peers;
 pub mod pretrain;
 pub mod similarity;
 pub mod step;
+pub mod task;
 pub mod uniform;
 
 use crate::data::Example;
@@ -31,12 +32,17 @@ use crate::engine::kernels::Pooling;
 use crate::lora::peft::Adapter;
 use crate::models::bert::Bert;
 use crate::models::classifier::Classifier;
-use crate::models::encoder::Encoder;
+use crate::models::encoder::{Base, Encoder};
+use crate::models::generative::RankClassifier;
 use crate::models::tokenize::TextEncoder;
 use anyhow::{bail, Result};
-use common::{encode_all, features, predict, score, train_head_on_features, train_model, Encoded, LoopOpts, Scores};
+use common::{encode_all, predict, score, train_model, Encoded, LoopOpts, Scores};
 use serde::Serialize;
 use std::time::Instant;
+use task::TaskNet;
+
+/// One default step budget for `adapt`, `compose --task` and the sweep.
+pub const DEFAULT_STEPS: usize = 100;
 
 /// The adaptation methods `adapt` runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -115,6 +121,9 @@ pub enum Retrieval {
     Arrow,
     /// CKA gain of each module alone with the few-shot labels (see `similarity.rs`).
     Cka,
+    /// Each module alone scored by the model's head-free criterion (prototype loss for an encoder, answer
+    /// cross-entropy for a generative model); works on every architecture.
+    Loss,
 }
 
 impl std::str::FromStr for Retrieval {
@@ -123,7 +132,8 @@ impl std::str::FromStr for Retrieval {
         match s {
             "arrow" => Ok(Retrieval::Arrow),
             "cka" => Ok(Retrieval::Cka),
-            _ => Err(format!("unknown retrieval '{s}' (arrow, cka)")),
+            "loss" => Ok(Retrieval::Loss),
+            _ => Err(format!("unknown retrieval '{s}' (arrow, cka, loss)")),
         }
     }
 }
@@ -166,11 +176,12 @@ impl AdaptOpts {
         };
         AdaptOpts {
             method,
-            loop_opts: LoopOpts { steps: 200, batch: 16, seed, weight_decay: 0.0, warmup_frac: 0.06 },
+            loop_opts: LoopOpts { steps: DEFAULT_STEPS, batch: 16, seed, weight_decay: 0.0, warmup_frac: 0.06 },
             lr_head: 1e-2,
             lr_body,
-            rank: 8,
-            alpha: 16.0,
+            // LoRA from scratch at rank 16, as in the paper (alpha 2r).
+            rank: 16,
+            alpha: 32.0,
             targets: vec!["query".into(), "value".into()],
             global_weights: false,
             entropy_penalty: 0.0,
@@ -187,7 +198,8 @@ impl AdaptOpts {
 
 /// What a run produced.
 pub struct Outcome {
-    pub model: Classifier,
+    /// The adapted model: an encoder classifier or a rank classifier.
+    pub model: TaskNet,
     pub scores: Scores,
     pub trainable_params: usize,
     pub train_seconds: f64,
@@ -216,10 +228,24 @@ pub fn adapt(
     adapt_encoded(Encoder::Bert(bert.clone()), tok.pad_id, classes, &train_enc, &test_enc, bank, opts)
 }
 
-/// Adapt `encoder` (BERT or ViT) to encoded examples `train` with `opts.method`, then score on `test`.
-/// `pad` is the token batches' padding id (ignored for images).
+/// The adapted model for a task: a classifier (pooling, a fresh head) on an encoder, or a rank classifier over
+/// the label strings on a generative model.
+pub fn task_net(base: Base, pad: u32, classes: usize, pooling: Pooling, seed: u64) -> Result<TaskNet> {
+    Ok(match base {
+        Base::Encoder(e) => TaskNet::Classifier(Classifier::new(e, pooling, classes, seed).with_pad(pad)),
+        Base::Generative { lm, answers } => {
+            if answers.len() != classes {
+                bail!("{} label strings for {classes} classes", answers.len());
+            }
+            TaskNet::Ranker(RankClassifier::new(lm, answers, pad)?)
+        }
+    })
+}
+
+/// Adapt `base` (an encoder, or a generative model with its answers) to encoded examples `train` with
+/// `opts.method`, then score on `test`. `pad` is the token batches' padding id (ignored for images).
 pub fn adapt_encoded(
-    encoder: Encoder,
+    base: impl Into<Base>,
     pad: u32,
     classes: usize,
     train_enc: &[Encoded],
@@ -230,44 +256,71 @@ pub fn adapt_encoded(
     if opts.method.needs_bank() && bank.is_empty() {
         bail!("method '{}' needs a bank: give --bank ADAPTERDIR...", opts.method.name());
     }
-    let mut model = Classifier::new(encoder, opts.pooling, classes, opts.loop_opts.seed);
-    // The foundation model is frozen whatever state it arrives in; each method makes trainable only its own.
-    model.encoder.set_all_trainable(false);
+    let mut net = task_net(base.into(), pad, classes, opts.pooling, opts.loop_opts.seed)?;
     let t0 = Instant::now();
     let mut used_modules: Vec<usize> = (0..bank.len()).collect();
+    {
+        let model = net.as_dyn();
+        // The foundation model is frozen whatever state it arrives in; each method makes trainable only its own.
+        model.set_base_trainable(false);
+    }
     if let (Some(k), true) = (opts.select, opts.method.needs_bank()) {
-        used_modules = match opts.select_by {
-            Retrieval::Arrow => peers::arrow_select(&mut model, bank, train_enc, pad, k)?,
-            Retrieval::Cka => similarity::cka_select(&model.encoder, pad, bank, train_enc, classes, opts.pooling, k)?,
+        used_modules = match (opts.select_by, &mut net) {
+            (Retrieval::Arrow, TaskNet::Classifier(c)) => peers::arrow_select(c, bank, train_enc, k)?,
+            (Retrieval::Cka, TaskNet::Classifier(c)) => {
+                similarity::cka_select(&c.encoder, pad, bank, train_enc, classes, opts.pooling, k)?
+            }
+            (Retrieval::Loss, net) => {
+                let model = net.as_dyn();
+                let paths = uniform::prepare(model, bank)?;
+                let losses = peers::module_losses(model, &paths, bank.len(), train_enc)?;
+                for (n, l) in losses.iter().enumerate() {
+                    if !l.is_finite() {
+                        bail!("--by loss: the criterion of bank module {n} is {l} (not a finite number)");
+                    }
+                }
+                // The method attaches the chosen modules afresh: no layer keeps the whole bank.
+                for l in model.all_linears_mut() {
+                    l.set_bank(Vec::new());
+                    l.comp = crate::lora::bank::Composition::Off;
+                }
+                let mut idx: Vec<usize> = (0..bank.len()).collect();
+                idx.sort_by(|&a, &b| losses[a].total_cmp(&losses[b]));
+                idx.truncate(k.min(bank.len()));
+                idx
+            }
+            (by, TaskNet::Ranker(_)) => bail!(
+                "--by {}: retrieval by encoder features is for encoders (bert, vit, dinov2); on a generative model use --by loss",
+                serde_json::to_value(by)?.as_str().unwrap_or("?")
+            ),
         };
     }
     let sub: Vec<Adapter> = used_modules.iter().map(|&i| bank[i].clone()).collect();
     let bank = &sub[..];
     let mut details = serde_json::Value::Null;
+    let model = net.as_dyn();
     let adapted = match opts.method {
-        Method::LinearProbe => linear_probe::prepare(&mut model),
-        Method::Full => full::prepare(&mut model),
-        Method::Lora => lora::prepare(&mut model, opts)?,
-        Method::Uniform => uniform::prepare(&mut model, bank)?,
-        Method::Learned => learned::prepare(&mut model, bank)?,
+        Method::LinearProbe => linear_probe::prepare(model)?,
+        Method::Full => full::prepare(model),
+        Method::Lora => lora::prepare(model, opts)?,
+        Method::Uniform => uniform::prepare(model, bank)?,
+        Method::Learned => learned::prepare(model, bank)?,
         peer => {
-            let paths = uniform::prepare(&mut model, bank)?;
+            let paths = uniform::prepare(model, bank)?;
             let (n, seed) = (bank.len(), opts.loop_opts.seed);
-            let grid = [0.2f32, 0.4, 0.6, 0.8, 1.0];
+            let grid = [0.0f32, 0.2, 0.4, 0.6, 0.8, 1.0];
             use merges::Merge;
             details = match peer {
                 Method::Lorahub | Method::LorahubCompat => peers::lorahub(
-                    &mut model,
+                    model,
                     &paths,
                     n,
                     train_enc,
-                    pad,
-                    classes,
                     opts.lorahub_generations,
                     seed,
                     peer == Method::LorahubCompat,
                 )?,
-                Method::BestSingle => peers::best_single(&mut model, &paths, n, train_enc, pad, classes)?,
+                Method::BestSingle => peers::best_single(model, &paths, n, train_enc)?,
                 dense => {
                     let merge = match dense {
                         Method::TaskArithmetic => Merge::TaskArithmetic,
@@ -277,7 +330,7 @@ pub fn adapt_encoded(
                         Method::MagnitudePrune => Merge::MagnitudePrune { density: opts.density },
                         _ => unreachable!("every other method is matched above"),
                     };
-                    peers::dense_merge(&mut model, &paths, merge, &grid, train_enc, pad, classes, seed)?
+                    peers::dense_merge(model, &paths, merge, &grid, train_enc, seed)?
                 }
             };
             paths
@@ -289,28 +342,26 @@ pub fn adapt_encoded(
         trainable_params -= bank.len() * adapted.len().saturating_sub(1);
     }
     let losses = if opts.method.frozen_encoder() {
-        let feats = features(&mut model, train_enc, pad, opts.eval_batch)?;
-        let labels: Vec<usize> = train_enc.iter().map(|e| e.label).collect();
-        train_head_on_features(&mut model, &feats, &labels, &opts.loop_opts, opts.lr_head)?
+        model.train_head_only(train_enc, &opts.loop_opts, opts.lr_head, opts.eval_batch)?
     } else {
         let (lr_head, lr_body) = (opts.lr_head, opts.lr_body);
         let lr_for = move |n: &str| if n.starts_with("classifier.") { lr_head } else { lr_body };
         let mut hook = learned::hook(opts.global_weights, opts.entropy_penalty);
-        train_model(&mut model, train_enc, pad, &opts.loop_opts, &lr_for, Some(&mut hook), |_, _| {})?
+        train_model(model, train_enc, &opts.loop_opts, &lr_for, Some(&mut hook), |_, _| {})?
     };
     let train_seconds = t0.elapsed().as_secs_f64();
-    let pred = predict(&mut model, test_enc, pad, opts.eval_batch)?;
+    let pred = predict(model, test_enc, opts.eval_batch)?;
     let gold: Vec<usize> = test_enc.iter().map(|e| e.label).collect();
     let scores = score(&gold, &pred, classes);
     let weights = adapted
         .iter()
         .filter_map(|p| {
-            let lin = model.encoder.linear_mut(p)?;
+            let lin = model.linear_mut(p)?;
             (!lin.bank().is_empty()).then(|| (p.clone(), lin.module_weights()))
         })
         .collect();
     Ok(Outcome {
-        model,
+        model: net,
         scores,
         trainable_params,
         train_seconds,

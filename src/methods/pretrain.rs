@@ -123,11 +123,11 @@ pub fn pretrain_vit(
         warmup_frac: 0.1,
     };
     let lr = opts.lr;
-    let losses = train_model(&mut model, &train, 0, &lo, &|_| lr, None, progress)?;
+    let losses = train_model(&mut model, &train, &lo, &|_| lr, None, progress)?;
     let train_seconds = t0.elapsed().as_secs_f64();
     let gold = |d: &[Encoded]| d.iter().map(|e| e.label).collect::<Vec<_>>();
-    let vs = score(&gold(&valid), &predict(&mut model, &valid, 0, 64)?, labels.len());
-    let ts = score(&gold(&test), &predict(&mut model, &test, 0, 64)?, labels.len());
+    let vs = score(&gold(&valid), &predict(&mut model, &valid, 64)?, labels.len());
+    let ts = score(&gold(&test), &predict(&mut model, &test, 64)?, labels.len());
     let crate::models::encoder::Encoder::Vit(vit) = &model.encoder else { unreachable!("built as a ViT") };
     write_vit_dir(vit, &pre_json, out)?;
     let tail = &losses[losses.len().saturating_sub(20)..];
@@ -152,7 +152,7 @@ pub fn pretrain_vit(
 pub fn write_vit_dir(vit: &Vit, preprocessor: &Value, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
     let meta: std::collections::HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    crate::models::weights::write_safetensors(&out.join("model.safetensors"), &vit.state_dict(), Some(meta))?;
+    crate::engine::weights::write_safetensors(&out.join("model.safetensors"), &vit.state_dict(), Some(meta))?;
     crate::util::write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&vit.config_json())?.as_bytes())?;
     crate::util::write_atomic(
         &out.join("preprocessor_config.json"),

@@ -5,10 +5,10 @@
 //! LoRAs attach to any of them by their module path (`encoder.layer.N.attention.self.query`, …).
 
 use super::config::BertConfig;
-use super::weights::TensorFile;
 use crate::engine::attention::{attention_backward, attention_forward, AttnShape};
 use crate::engine::kernels::{gelu_backward_inplace, gelu_forward, layernorm_backward, layernorm_forward, Gelu};
 use crate::engine::param::Param;
+use crate::engine::weights::TensorFile;
 use crate::lora::bank::BankLinear;
 use anyhow::{anyhow, bail, Result};
 use std::path::Path;

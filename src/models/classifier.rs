@@ -15,6 +15,8 @@ pub struct Classifier {
     pub pooling: Pooling,
     pub head: BankLinear,
     pub classes: usize,
+    /// Padding id of token batches built from encoded examples (unused by image models).
+    pub pad: u32,
     pooled: Vec<f32>,
     logits: Vec<f32>,
     probs: Vec<f32>,
@@ -50,6 +52,7 @@ impl Classifier {
             pooling,
             head,
             classes,
+            pad: 0,
             pooled: Vec::new(),
             logits: Vec::new(),
             probs: Vec::new(),
@@ -60,6 +63,12 @@ impl Classifier {
             seq: 0,
             mask: Vec::new(),
         }
+    }
+
+    /// The same classifier with token batches padded by `pad`.
+    pub fn with_pad(mut self, pad: u32) -> Self {
+        self.pad = pad;
+        self
     }
 
     /// The BERT encoder (panics on an image model; for BERT-only code and tests).

@@ -5,14 +5,16 @@
 //! stay independent of each other.
 
 use super::bert::{Batch, Bert};
+use super::generative::Generative;
 use super::image::Preprocessor;
+use super::kind::{ModelKind, SpecialTokens};
 use super::tokenize::TextEncoder;
 use super::vit::{Pixels, Vit};
 use crate::engine::kernels::Pooling;
 use crate::engine::param::Param;
 use crate::lora::bank::BankLinear;
 use crate::lora::host::LinearHost;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use std::path::{Path, PathBuf};
 
 /// A batch for one of the encoders, borrowed.
@@ -34,7 +36,7 @@ impl<'a> From<&'a Pixels> for Input<'a> {
     }
 }
 
-/// A batch for one of the encoders, owned (what [`crate::methods::common::batch_of`] builds).
+/// A batch for one of the encoders, owned (what `methods::common::batch_of` builds).
 #[derive(Clone, Debug)]
 pub enum InputBatch {
     Tokens(Batch),
@@ -225,42 +227,77 @@ impl LinearHost for Encoder {
     }
 }
 
-/// What turns task examples into encoder input.
+/// What turns task examples into model input.
 #[allow(clippy::large_enum_variant)]
 pub enum Frontend {
+    /// A text encoder's tokenizer (text pairs as the tokenizer joins them).
     Text(TextEncoder),
     /// The model's preprocessor and the channel count its patch projection takes.
-    Image {
-        pre: Preprocessor,
-        channels: usize,
+    Image { pre: Preprocessor, channels: usize },
+    /// A generative model's tokenizer: the text (and text pair) through the prompt template, then the
+    /// tokenizer with its own special tokens; each label string's answer tokens end with `eos`.
+    Prompt { tok: TextEncoder, template: Option<String>, eos: u32 },
+}
+
+impl Frontend {
+    /// The prompt for one example: `template` with `{text}` and `{text_pair}` replaced, or the bare text (a
+    /// pair joined by a space) without one.
+    pub fn prompt(template: Option<&str>, text: &str, pair: Option<&str>) -> String {
+        match template {
+            Some(t) => t.replace("{text}", text).replace("{text_pair}", pair.unwrap_or("")),
+            None => match pair {
+                Some(p) => format!("{text} {p}"),
+                None => text.to_string(),
+            },
+        }
+    }
+}
+
+/// Check a `--template`: it must contain `{text}`, and `{text_pair}` only where the task has pairs.
+pub fn check_template(t: &str) -> Result<()> {
+    if !t.contains("{text}") {
+        bail!("--template '{t}' has no {{text}} placeholder");
+    }
+    Ok(())
+}
+
+/// The foundation model of a loaded directory: an encoder (a classifier head goes on top) or a generative model
+/// (classes are ranked by their label strings).
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub enum Base {
+    Encoder(Encoder),
+    /// The model and each class's answer tokens.
+    Generative {
+        lm: Generative,
+        answers: Vec<Vec<u32>>,
     },
 }
 
-/// A Hugging Face model directory with its front end: BERT with `tokenizer.json`, or ViT / DINOv2 with
-/// `preprocessor_config.json`. The architecture is read from `config.json`'s `model_type`.
+impl From<Encoder> for Base {
+    fn from(e: Encoder) -> Self {
+        Base::Encoder(e)
+    }
+}
+
+/// A Hugging Face model directory with its front end: BERT with `tokenizer.json`, ViT / DINOv2 with
+/// `preprocessor_config.json`, T5 and Llama-family models with `tokenizer.json`. The architecture is read once,
+/// from `config.json`'s `model_type` ([`ModelKind::of`]).
 pub struct LoadedModel {
     pub dir: PathBuf,
-    pub encoder: Encoder,
+    pub kind: ModelKind,
+    /// The encoder of an encoder model; `None` for a generative one (see [`LoadedModel::generative`]).
+    encoder: Option<Encoder>,
+    generative: Option<Generative>,
     pub frontend: Frontend,
 }
 
-/// `model_type` of `dir/config.json`.
-pub fn model_type(dir: &Path) -> Result<String> {
-    if !dir.is_dir() {
-        bail!("{}: model directory not found", dir.display());
-    }
-    let p = dir.join("config.json");
-    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", p.display()))?;
-    Ok(v.get("model_type").and_then(|t| t.as_str()).unwrap_or("bert").to_string())
-}
-
 impl LoadedModel {
-    /// Load a BERT (`model_type` bert or absent, as sentence-transformers folders) or ViT / DINOv2 directory.
+    /// Load any supported directory (see [`ModelKind`]). `max_len` truncates token sequences.
     pub fn load(dir: &Path, max_len: usize) -> Result<Self> {
-        match model_type(dir)?.as_str() {
-            "vit" | "dinov2" => {
+        let kind = ModelKind::of(dir)?;
+        match kind {
+            ModelKind::Vit | ModelKind::Dinov2 => {
                 let vit = Vit::load(dir)?;
                 let pp = dir.join("preprocessor_config.json");
                 if !pp.is_file() {
@@ -270,21 +307,120 @@ impl LoadedModel {
                 let channels = vit.cfg.num_channels;
                 Ok(LoadedModel {
                     dir: dir.to_path_buf(),
-                    encoder: Encoder::Vit(vit),
+                    kind,
+                    encoder: Some(Encoder::Vit(vit)),
+                    generative: None,
                     frontend: Frontend::Image { pre, channels },
                 })
             }
-            _ => {
+            ModelKind::Bert => {
                 let enc = super::hf::HfEncoder::load(dir, max_len)?;
-                Ok(LoadedModel { dir: enc.dir, encoder: Encoder::Bert(enc.bert), frontend: Frontend::Text(enc.tok) })
+                Ok(LoadedModel {
+                    dir: enc.dir,
+                    kind,
+                    encoder: Some(Encoder::Bert(enc.bert)),
+                    generative: None,
+                    frontend: Frontend::Text(enc.tok),
+                })
             }
+            ModelKind::T5 | ModelKind::Llama => {
+                let lm = match kind {
+                    ModelKind::T5 => Generative::T5(super::t5::T5::load(dir)?),
+                    _ => Generative::Llama(super::llama::Llama::load(dir)?),
+                };
+                let tok0 = TextEncoder::load(dir, max_len, 0)?;
+                let special = SpecialTokens::read(dir, &|t| tok0.token_to_id(t))?;
+                let Some(eos) = special.eos else {
+                    bail!(
+                        "{}: no eos_token_id (config.json) or eos_token (special_tokens_map.json / tokenizer_config.json): rank classification ends every answer with it",
+                        dir.display()
+                    );
+                };
+                // Prompts are right-padded with the pad id (T5 is trained with it; a causal model never sees
+                // what follows a sequence, so any id works and EOS is used where there is none).
+                let pad = special.pad.unwrap_or(eos);
+                let tok = TextEncoder::load(dir, max_len, pad)?;
+                Ok(LoadedModel {
+                    dir: dir.to_path_buf(),
+                    kind,
+                    encoder: None,
+                    generative: Some(lm),
+                    frontend: Frontend::Prompt { tok, template: None, eos },
+                })
+            }
+        }
+    }
+
+    /// The encoder, or an error naming the directory for a generative model (for commands that need
+    /// features: `embed`, similarity measures).
+    pub fn encoder(&self) -> Result<&Encoder> {
+        self.encoder.as_ref().ok_or_else(|| self.not_encoder())
+    }
+
+    pub fn encoder_mut(&mut self) -> Result<&mut Encoder> {
+        let e = self.not_encoder();
+        self.encoder.as_mut().ok_or(e)
+    }
+
+    fn not_encoder(&self) -> anyhow::Error {
+        anyhow!(
+            "{}: a {} model is generative (it ranks label strings) and has no encoder features; this needs bert, vit or dinov2",
+            self.dir.display(),
+            self.kind.name()
+        )
+    }
+
+    /// The front end and the encoder (if any), borrowed together.
+    pub fn parts_mut(&mut self) -> (&Frontend, Option<&mut Encoder>) {
+        (&self.frontend, self.encoder.as_mut())
+    }
+
+    /// The generative model, if this is one.
+    pub fn generative(&self) -> Option<&Generative> {
+        self.generative.as_ref()
+    }
+
+    /// Set the prompt template of a generative model; an error for an encoder (a template would be ignored).
+    pub fn set_template(&mut self, template: Option<String>) -> Result<()> {
+        let Some(t) = template else { return Ok(()) };
+        check_template(&t)?;
+        match &mut self.frontend {
+            Frontend::Prompt { template, .. } => {
+                *template = Some(t);
+                Ok(())
+            }
+            _ => bail!(
+                "--template applies to generative models (t5, llama); {} is a {} model",
+                self.dir.display(),
+                self.kind.name()
+            ),
+        }
+    }
+
+    /// The foundation model for a task with these label strings: the encoder, or the generative model with each
+    /// label's answer tokens (the label string without special tokens, then EOS).
+    pub fn base(&self, labels: &[String]) -> Result<Base> {
+        match (&self.encoder, &self.generative, &self.frontend) {
+            (Some(e), _, _) => Ok(Base::Encoder(e.clone())),
+            (None, Some(g), Frontend::Prompt { tok, eos, .. }) => {
+                let answers = labels
+                    .iter()
+                    .map(|l| {
+                        let mut a = tok.encode_plain(l)?;
+                        a.push(*eos);
+                        Ok(a)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Base::Generative { lm: g.clone(), answers })
+            }
+            _ => unreachable!("a loaded model is an encoder or a generative model with a prompt front end"),
         }
     }
 
     /// Padding id for token batches (unused by image models).
     pub fn pad_id(&self) -> u32 {
         match &self.frontend {
-            Frontend::Text(t) => t.pad_id,
+            Frontend::Text(t) | Frontend::Prompt { tok: t, .. } => t.pad_id,
             Frontend::Image { .. } => 0,
         }
     }
@@ -296,8 +432,8 @@ impl LoadedModel {
     /// Files whose bytes define the model (hashed by sweeps to decide whether a bank can be reused): config,
     /// weights, and tokenizer or preprocessor config (tokenizer when `config.json` cannot be read).
     pub fn files(dir: &Path) -> Vec<PathBuf> {
-        let front = match model_type(dir).as_deref() {
-            Ok("vit") | Ok("dinov2") => "preprocessor_config.json",
+        let front = match ModelKind::of(dir) {
+            Ok(k) if k.is_image() => "preprocessor_config.json",
             _ => "tokenizer.json",
         };
         vec![dir.join("config.json"), dir.join("model.safetensors"), dir.join(front)]

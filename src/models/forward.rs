@@ -102,14 +102,6 @@ impl ForwardInput {
     }
 }
 
-/// `model_type` from a model directory's config.json.
-pub fn model_type(model_dir: &Path) -> Result<String> {
-    let path = model_dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))?;
-    Ok(v.get("model_type").and_then(|t| t.as_str()).unwrap_or("bert").to_string())
-}
-
 /// Load each adapter, check it was made for this base (unless allowed), and put them all on `host` with weight 1
 /// each (the sum of their ΔW, as PEFT computes with several adapters active).
 pub fn attach_all(
@@ -136,16 +128,12 @@ pub fn attach_all(
 /// Run the forward pass the model directory's architecture defines.
 pub fn run(model_dir: &Path, adapters: &[std::path::PathBuf], input: &Path, allow_mismatch: bool) -> Result<TensorOut> {
     let inp = ForwardInput::load(input)?;
-    let mt = model_type(model_dir)?;
-    match mt.as_str() {
-        "bert" => bert_forward(model_dir, adapters, &inp, allow_mismatch),
-        "llama" => llama_forward(model_dir, adapters, &inp, allow_mismatch),
-        "t5" => t5_forward(model_dir, adapters, &inp, allow_mismatch),
-        "vit" | "dinov2" => vit_forward(model_dir, adapters, &inp, allow_mismatch),
-        other => bail!(
-            "{}: key 'model_type': '{other}' is not supported (supported: bert, llama, t5, vit, dinov2)",
-            model_dir.join("config.json").display()
-        ),
+    use super::kind::ModelKind;
+    match ModelKind::of(model_dir)? {
+        ModelKind::Bert => bert_forward(model_dir, adapters, &inp, allow_mismatch),
+        ModelKind::Llama => llama_forward(model_dir, adapters, &inp, allow_mismatch),
+        ModelKind::T5 => t5_forward(model_dir, adapters, &inp, allow_mismatch),
+        ModelKind::Vit | ModelKind::Dinov2 => vit_forward(model_dir, adapters, &inp, allow_mismatch),
     }
 }
 

@@ -14,12 +14,12 @@
 //! Library functions on top: the causal-LM loss on answer tokens (labels −100 elsewhere, shifted as
 //! transformers does) and rank classification (each candidate answer scored by its summed log-probability).
 
-use super::weights::TensorFile;
 use crate::engine::llama_ops::{
     causal_attention_backward, causal_attention_forward, rmsnorm_backward, rmsnorm_forward, rope_apply,
     swiglu_backward, swiglu_forward, GqaShape, Rope,
 };
 use crate::engine::param::Param;
+use crate::engine::weights::TensorFile;
 use crate::lora::bank::BankLinear;
 use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
@@ -62,6 +62,10 @@ pub struct LlamaConfig {
     pub hidden_act: String,
     #[serde(default)]
     pub model_type: Option<String>,
+    /// Mistral's sliding attention window: loracomp attends to the whole sequence, so sequences longer than
+    /// the window are refused.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
 }
 
 fn default_eps() -> f64 {
@@ -83,8 +87,8 @@ impl LlamaConfig {
 
     pub fn validate(&self) -> Result<()> {
         if let Some(t) = &self.model_type {
-            if t != "llama" {
-                bail!("key 'model_type': '{t}' is not a Llama model (expected llama)");
+            if t != "llama" && t != "mistral" {
+                bail!("key 'model_type': '{t}' is not a Llama-family model (expected llama or mistral)");
             }
         }
         for (k, v) in [
@@ -390,6 +394,9 @@ impl Llama {
         let n = b.rows();
         if n == 0 || b.ids.len() != n || b.mask.len() != n {
             bail!("batch arrays do not match [batch {}, seq {}]", b.batch, b.seq);
+        }
+        if let Some(w) = self.cfg.sliding_window.filter(|&w| b.seq > w) {
+            bail!("sequence length {} exceeds the model's sliding_window {w}; use a shorter --max-len", b.seq);
         }
         if let Some(id) = b.ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
             bail!("token id {id} is outside the vocabulary (vocab_size {})", self.cfg.vocab_size);

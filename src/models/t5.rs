@@ -17,13 +17,13 @@
 //! classification is rank classification ([`T5::label_log_probs`], [`T5::rank_classify`]): each label string
 //! is scored by its summed log-probability under teacher forcing and the best one wins.
 
-use super::weights::TensorFile;
 use crate::engine::kernels::{gelu_backward_inplace, gelu_forward, Gelu};
 use crate::engine::param::Param;
 use crate::engine::t5_ops::{
     position_bias, relu_backward_inplace, relu_forward, t5_attention_backward, t5_attention_forward, t5_norm_backward,
     t5_norm_forward, T5AttnShape,
 };
+use crate::engine::weights::TensorFile;
 use crate::lora::bank::BankLinear;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;

@@ -53,6 +53,20 @@ impl TextEncoder {
         Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec()))
     }
 
+    /// Token ids of `text` without special tokens (a generative model's answer).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.tok.encode(text, false).map_err(|e| anyhow!("tokenizer failed on {text:?}: {e}"))?;
+        if enc.get_ids().is_empty() {
+            bail!("the tokenizer gives no tokens for {text:?}");
+        }
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The id of a token string, if the vocabulary has it.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.tok.token_to_id(token)
+    }
+
     /// Pad already-encoded sequences to the longest one.
     pub fn pad(&self, seqs: &[(Vec<u32>, Vec<u32>)]) -> Batch {
         pad_batch(seqs, self.pad_id)

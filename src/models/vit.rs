@@ -13,12 +13,12 @@
 //! (`layers.N.attention.q_proj` for ViT, `encoder.layer.N.attention.q_proj` for DINOv2) and are mapped onto
 //! the canonical paths by [`LinearHost::resolve`].
 
-use super::weights::TensorFile;
 use crate::engine::attention::{attention_backward, attention_forward, AttnShape};
 use crate::engine::kernels::{
     gelu_backward_inplace, gelu_forward, layernorm_backward, layernorm_forward, pool_forward, Gelu, Pooling,
 };
 use crate::engine::param::Param;
+use crate::engine::weights::TensorFile;
 use crate::lora::bank::BankLinear;
 use crate::lora::host::LinearHost;
 use anyhow::{anyhow, bail, Context, Result};

@@ -1,7 +1,7 @@
 //! Bad inputs around adaptation: each ends in a clear error naming the file and field (or the step), exit 1,
 //! no panic and no output left behind.
 
-mod common;
+use crate::common;
 use std::path::Path;
 
 fn task(dir: &Path) {
@@ -160,9 +160,9 @@ fn divergence_empty_split_bad_json_and_bad_adapters() {
     // a target module the model lacks (layer 9 of a 6-layer model)
     let far = d.join("far");
     common::copy_dir(&ok, &far);
-    let tf = loracomp::models::weights::TensorFile::open(&far.join("adapter_model.safetensors")).unwrap();
+    let tf = loracomp::engine::weights::TensorFile::open(&far.join("adapter_model.safetensors")).unwrap();
     let renamed = tf.tensors.into_iter().map(|(k, v)| (k.replace("layer.0.", "layer.9."), v)).collect();
-    loracomp::models::weights::write_safetensors(&far.join("adapter_model.safetensors"), &renamed, None).unwrap();
+    loracomp::engine::weights::write_safetensors(&far.join("adapter_model.safetensors"), &renamed, None).unwrap();
     fails(
         &[
             "adapt",

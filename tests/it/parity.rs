@@ -1,6 +1,6 @@
 //! Parity with Python `transformers` / sentence-transformers (goldens made by tools/make_goldens.py).
 
-mod common;
+use crate::common;
 use loracomp::engine::kernels::Pooling;
 use loracomp::models::bert::{Batch, Bert};
 use loracomp::models::hf::HfEncoder;
@@ -52,9 +52,9 @@ fn bert_prefixed_keys_load_the_same() {
     let src = common::fixture("tiny-bert");
     let dir = common::tmpdir("prefixed");
     common::copy_dir(&src, &dir);
-    let tf = loracomp::models::weights::TensorFile::open(&src.join("model.safetensors")).unwrap();
+    let tf = loracomp::engine::weights::TensorFile::open(&src.join("model.safetensors")).unwrap();
     let renamed = tf.tensors.into_iter().map(|(k, v)| (format!("bert.{k}"), v)).collect();
-    loracomp::models::weights::write_safetensors(&dir.join("model.safetensors"), &renamed, None).unwrap();
+    loracomp::engine::weights::write_safetensors(&dir.join("model.safetensors"), &renamed, None).unwrap();
     let g = load_json(&src.join("golden.json"));
     let ids = flat_u32(&g["input_ids"]);
     let n = ids.len();

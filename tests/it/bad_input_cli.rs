@@ -2,7 +2,7 @@
 //! line: each ends in exit code 1, an error naming the file and the field (or key), no panic, and nothing written
 //! to the output directory. Bank adapters are made directly with `write_adapter`, with MiniLM's shapes.
 
-mod common;
+use crate::common;
 use loracomp::lora::peft::{write_adapter, AdapterConfig, ExportModule};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -123,9 +123,9 @@ fn bad_bank_adapters_are_refused_before_anything_is_written() {
     let far = e.d.join("far");
     common::copy_dir(&good, &far);
     let st = far.join("adapter_model.safetensors");
-    let tf = loracomp::models::weights::TensorFile::open(&st).unwrap();
+    let tf = loracomp::engine::weights::TensorFile::open(&st).unwrap();
     let renamed = tf.tensors.into_iter().map(|(k, v)| (k.replace("layer.0.", "layer.9."), v)).collect();
-    loracomp::models::weights::write_safetensors(&st, &renamed, None).unwrap();
+    loracomp::engine::weights::write_safetensors(&st, &renamed, None).unwrap();
     e.adapt_fails(&far, &["far", "adapter targets module 'encoder.layer.9.attention.self.query'", "does not have"]);
 
     // config fields loracomp cannot apply exactly
@@ -343,11 +343,11 @@ fn nan_in_the_base_model_names_the_tensor() {
     let d = common::tmpdir("badcli-nanmodel");
     common::copy_dir(&common::fixture("tiny-bert"), &d);
     let p = d.join("model.safetensors");
-    let mut tf = loracomp::models::weights::TensorFile::open(&p).unwrap();
+    let mut tf = loracomp::engine::weights::TensorFile::open(&p).unwrap();
     let key = "encoder.layer.1.output.dense.weight".to_string();
     let key = if tf.tensors.contains_key(&key) { key } else { format!("bert.{key}") };
     tf.tensors.get_mut(&key).unwrap().1[3] = f32::NAN;
-    loracomp::models::weights::write_safetensors(&p, &tf.tensors, None).unwrap();
+    loracomp::engine::weights::write_safetensors(&p, &tf.tensors, None).unwrap();
     let o = common::bin().args(["embed", "--model"]).arg(&d).args(["--text", "hello"]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");

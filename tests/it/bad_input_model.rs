@@ -1,6 +1,6 @@
 //! Bad model inputs end in a clear error naming the file and the key, a non-zero exit, and no panic.
 
-mod common;
+use crate::common;
 use std::path::Path;
 
 fn embed_err(model: &Path) -> String {

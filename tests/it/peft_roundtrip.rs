@@ -2,7 +2,7 @@
 //! that `peft` wrote (mixed ranks, rsLoRA, rank_pattern/alpha_pattern) and gives PEFT's logits; its exact
 //! composition export, loaded by PEFT, gave the logits stored in the golden, and loracomp reloads the same.
 
-mod common;
+use crate::common;
 use loracomp::engine::kernels::Pooling;
 use loracomp::lora::bank::Composition;
 use loracomp::lora::peft::Adapter;
@@ -80,7 +80,7 @@ fn composition_matches_dense_reference_and_its_export_matches_peft() {
     assert_close(&got, &floats(&g["compose"]["logits"]), "composition vs dense torch reference");
 
     let dir = common::tmpdir("peft-export");
-    export_adapter(&m, &dir, None, None, &serde_json::json!({"pooling": "mean"})).unwrap();
+    export_adapter(&mut m, &dir, None, None, None, &serde_json::json!({"pooling": "mean"})).unwrap();
     let exported = Adapter::load(&dir).unwrap();
     let mut m2 = model();
     apply_adapter(&mut m2, &exported, 3).unwrap();

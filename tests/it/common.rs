@@ -34,8 +34,11 @@ pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_loracomp"))
 }
 
+/// A fresh directory for one test: all tests share one process, so a counter keeps equal tags apart.
 pub fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("loracomp-test-{tag}-{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("loracomp-test-{tag}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d

@@ -1,7 +1,7 @@
 //! A sweep killed with SIGKILL at arbitrary moments and resumed ends with the same results as an uninterrupted
 //! run, with no cell duplicated; a different config in the same directory is refused without --force.
 
-mod common;
+use crate::common;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;

@@ -1,15 +1,13 @@
 //! ViT and DINOv2 encoders: parity with transformers (same size and interpolated position embeddings), PEFT
 //! adapters under both naming schemes, finite-difference gradients, and bad inputs.
 
-mod common;
-
-use common::{bin, fixture, tmpdir};
+use crate::common::{bin, fixture, tmpdir};
 use loracomp::engine::param::Param;
+use loracomp::engine::weights::{write_safetensors, TensorFile};
 use loracomp::lora::bank::{BankPath, Composition, FreshLora, LoraModule};
 use loracomp::lora::host::LinearHost;
 use loracomp::models::forward::attach_all;
 use loracomp::models::vit::{bicubic_resize, Pixels, Vit};
-use loracomp::models::weights::{write_safetensors, TensorFile};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use std::path::{Path, PathBuf};

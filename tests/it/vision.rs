@@ -2,7 +2,7 @@
 //! loracomp loads back identically and that transformers reads (golden from tools/check_vit_pretrained.py),
 //! every adaptation method on a ViT, and pretrain → train → adapt → eval through the CLI.
 
-mod common;
+use crate::common;
 
 use loracomp::data::{Examples, ImageShape, Task};
 use loracomp::lora::peft::Adapter;
@@ -164,7 +164,7 @@ fn pretrained_vit_dir_loads_back_identically_and_matches_transformers() {
 fn every_method_runs_on_a_vit_and_grey_images_are_converted() {
     let d = common::tmpdir("vision-methods");
     let lm = LoadedModel::load(&common::fixture("vit-pretrained"), 128).unwrap();
-    assert!(matches!(lm.encoder, Encoder::Vit(_)));
+    assert!(matches!(lm.encoder().unwrap(), Encoder::Vit(_)));
     // grey 8×8 images through a 3-channel 16×16 model
     write_task(&d.join("grey"), 2, ImageShape { channels: 1, height: 8, width: 8 }, [3, 1, 2], 3);
     let t = Task::open(&d.join("grey")).unwrap();
@@ -203,8 +203,8 @@ fn every_method_runs_on_a_vit_and_grey_images_are_converted() {
         o.loop_opts.steps = 2;
         o.loop_opts.batch = 4;
         o.lorahub_generations = 2;
-        o.pooling = lm.encoder.default_pooling();
-        let r = adapt_encoded(lm.encoder.clone(), lm.pad_id(), 2, &enc, &test, &bank, &o)
+        o.pooling = lm.encoder().unwrap().default_pooling();
+        let r = adapt_encoded(lm.encoder().unwrap().clone(), lm.pad_id(), 2, &enc, &test, &bank, &o)
             .unwrap_or_else(|e| panic!("{}: {e:#}", m.name()));
         assert_eq!(r.scores.n, 4, "{}", m.name());
         assert!(r.final_loss.is_finite(), "{}", m.name());
@@ -215,9 +215,10 @@ fn every_method_runs_on_a_vit_and_grey_images_are_converted() {
         }
     }
     // retrieval before composition: both criteria keep one module; CKA keeps the one with the larger gain
-    let pooling = lm.encoder.default_pooling();
+    let pooling = lm.encoder().unwrap().default_pooling();
     let (_, gains) =
-        loracomp::methods::similarity::module_cka_gain(&lm.encoder, lm.pad_id(), &bank, &enc, 2, pooling).unwrap();
+        loracomp::methods::similarity::module_cka_gain(lm.encoder().unwrap(), lm.pad_id(), &bank, &enc, 2, pooling)
+            .unwrap();
     assert!(gains.iter().all(|g| g.is_finite()) && gains[0] != gains[1], "{gains:?}");
     for by in [Retrieval::Arrow, Retrieval::Cka] {
         let mut o = AdaptOpts::defaults(Method::Uniform, 0);
@@ -225,7 +226,7 @@ fn every_method_runs_on_a_vit_and_grey_images_are_converted() {
         o.pooling = pooling;
         o.select = Some(1);
         o.select_by = by;
-        let r = adapt_encoded(lm.encoder.clone(), lm.pad_id(), 2, &enc, &test, &bank, &o).unwrap();
+        let r = adapt_encoded(lm.encoder().unwrap().clone(), lm.pad_id(), 2, &enc, &test, &bank, &o).unwrap();
         assert_eq!(r.used_modules.len(), 1, "{by:?}");
         if by == Retrieval::Cka {
             assert_eq!(r.used_modules, vec![if gains[0] > gains[1] { 0 } else { 1 }]);

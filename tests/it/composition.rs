@@ -1,7 +1,7 @@
 //! Composition semantics: uniform with one module is that module, learned with zero frozen logits is uniform,
 //! merged and factored paths agree, and an exported adapter reloaded gives the same logits.
 
-mod common;
+use crate::common;
 use loracomp::engine::kernels::Pooling;
 use loracomp::engine::param::Param;
 use loracomp::lora::bank::{BankLinear, BankPath, Composition, LoraModule};
@@ -178,7 +178,7 @@ fn exported_composition_reloads_to_the_same_logits() {
     .unwrap();
     let want = m.forward(&batch()).unwrap().to_vec();
     let meta = serde_json::json!({"labels": ["a", "b", "c"], "pooling": "mean"});
-    let errs = export_adapter(&m, &d.join("export"), None, None, &meta).unwrap();
+    let errs = export_adapter(&mut m, &d.join("export"), None, None, None, &meta).unwrap();
     assert!(errs.is_empty());
     let exported = Adapter::load(&d.join("export")).unwrap();
     let mut m2 = classifier();
@@ -188,9 +188,9 @@ fn exported_composition_reloads_to_the_same_logits() {
         assert!((x - y).abs() < 1e-5, "{x} vs {y}");
     }
     // SVD export at a rank ≥ the concatenated rank is exact too; a smaller rank records its error
-    let errs = export_adapter(&m, &d.join("svd"), None, Some(2), &meta).unwrap();
+    let errs = export_adapter(&mut m, &d.join("svd"), None, None, Some(2), &meta).unwrap();
     assert!(!errs.is_empty() && errs.values().all(|e| *e > 0.0 && *e < 1.0), "{errs:?}");
-    let errs = export_adapter(&m, &d.join("svd6"), None, Some(6), &meta).unwrap();
+    let errs = export_adapter(&mut m, &d.join("svd6"), None, None, Some(6), &meta).unwrap();
     let e6 = Adapter::load(&d.join("svd6")).unwrap();
     assert!(errs.values().all(|e| *e < 1e-5), "{errs:?}");
     let mut m3 = classifier();
@@ -282,7 +282,7 @@ fn global_weights_stay_tied_and_entropy_penalty_gradient_is_exact() {
 #[test]
 fn merge_kept_across_head_only_steps_trains_exactly_as_rebuilt_each_step() {
     use loracomp::engine::param::AdamW;
-    use loracomp::methods::step::{invalidate, train_step};
+    use loracomp::methods::step::{classifier_step, invalidate};
     let d = common::tmpdir("keep");
     let a = make_adapter(&d.join("a"), 4, 4, 8.0, false, &["query", "value"]);
     let b = make_adapter(&d.join("b"), 5, 4, 8.0, false, &["query", "value"]);
@@ -300,7 +300,7 @@ fn merge_kept_across_head_only_steps_trains_exactly_as_rebuilt_each_step() {
             if rebuild {
                 invalidate(&mut m);
             }
-            losses.push(train_step(&mut m, &batch(), &[0, 2], &opt, t, &|_| 1e-2, None).unwrap());
+            losses.push(classifier_step(&mut m, &batch(), &[0, 2], &opt, t, &|_| 1e-2, None).unwrap());
         }
         (losses, m.forward(&batch()).unwrap().to_vec())
     };

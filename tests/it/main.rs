@@ -1,0 +1,19 @@
+//! Every integration test in one crate (one binary to compile and link instead of one per file).
+
+mod bad_input_adapt;
+mod bad_input_cli;
+mod bad_input_model;
+mod cli_flow;
+mod common;
+mod composition;
+mod determinism;
+mod forward_cli;
+mod generative;
+mod llama;
+mod model_gradcheck;
+mod parity;
+mod peft_roundtrip;
+mod sweep_resume;
+mod t5;
+mod vision;
+mod vit;
