@@ -45,4 +45,5 @@ pub mod experiments;
 pub mod lora;
 pub mod methods;
 pub mod models;
+pub mod progress;
 pub mod util;

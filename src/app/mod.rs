@@ -10,7 +10,7 @@ use crate::engine::kernels::Pooling;
 use crate::lora::peft::Adapter;
 use crate::methods::common::{argmax, check_kind, class_scores, encode_examples, predict as predict_all, score};
 use crate::methods::task::{TaskModel, TaskNet};
-use crate::methods::{adapt_encoded, AdaptOpts, Method, Retrieval};
+use crate::methods::{adapt_encoded_with, AdaptOpts, Method, Retrieval};
 use crate::models::encoder::LoadedModel;
 use crate::models::kind::ModelKind;
 use anyhow::{anyhow, bail, Result};
@@ -42,6 +42,8 @@ pub struct Common {
     pub template: Option<String>,
     /// Split to evaluate on after training (default: `test` when the task has it, else nothing).
     pub eval_split: Option<String>,
+    /// No progress on stderr.
+    pub quiet: bool,
 }
 
 impl Common {
@@ -61,6 +63,7 @@ impl Common {
             allow_base_mismatch: false,
             template: None,
             eval_split: None,
+            quiet: false,
         }
     }
 }
@@ -320,6 +323,43 @@ fn scores_json(prefix: &str, s: Option<&crate::methods::common::Scores>) -> Valu
     Value::Object(m)
 }
 
+/// Run a method with progress on stderr: the training steps (gradient methods), then the evaluation.
+#[allow(clippy::too_many_arguments)]
+fn run_with_progress(
+    lm: &LoadedModel,
+    task: &Task,
+    train: &[crate::methods::common::Encoded],
+    test: &[crate::methods::common::Encoded],
+    bank: &[Adapter],
+    opts: &AdaptOpts,
+    what: &str,
+    quiet: bool,
+) -> Result<crate::methods::Outcome> {
+    let gradient = matches!(opts.method, Method::Full | Method::Lora | Method::Learned);
+    let mut p = crate::progress::Progress::new(if gradient { opts.loop_opts.steps } else { 0 }, what, "step", quiet);
+    if !quiet && !gradient {
+        eprintln!("{what}: {} (head only; no step-by-step progress)", opts.method.name());
+    }
+    let out = adapt_encoded_with(
+        lm.base(&task.labels)?,
+        lm.pad_id(),
+        task.labels.len(),
+        train,
+        test,
+        bank,
+        opts,
+        &mut |_, loss| {
+            p.set_message(format!("loss {loss:.4}"));
+            p.inc(1);
+        },
+    )?;
+    p.finish();
+    if !quiet && !test.is_empty() {
+        eprintln!("{what}: evaluated {} examples: accuracy {:.4}", out.scores.n, out.scores.accuracy);
+    }
+    Ok(out)
+}
+
 /// Train one upstream LoRA on a task and write it as a PEFT adapter with metrics.json.
 pub fn train(spec: &TrainSpec) -> Result<Value> {
     let c = &spec.common;
@@ -348,7 +388,7 @@ pub fn train(spec: &TrainSpec) -> Result<Value> {
     let train_enc = encode_examples(&lm.frontend, &fs)?;
     let valid_enc = if task.has_split("valid") { encode_split(&lm, &task, Some("valid"))? } else { Vec::new() };
     let test = encode_split(&lm, &task, split.as_deref())?;
-    let res = adapt_encoded(lm.base(&task.labels)?, lm.pad_id(), task.labels.len(), &train_enc, &test, &[], &opts)?;
+    let res = run_with_progress(&lm, &task, &train_enc, &test, &[], &opts, &format!("train {}", task.name), c.quiet)?;
     let mut net = res.model;
     let vs = if valid_enc.is_empty() {
         None
@@ -429,6 +469,8 @@ fn write_trained_lora(
 pub fn adapt(spec: &AdaptSpec) -> Result<Value> {
     let c = &spec.common;
     check_out(&spec.out, "metrics.json", c.force)?;
+    // The model and the task first: a wrong --model path is reported as such, not as a bank mismatch.
+    ModelKind::of(&c.model)?;
     let task = Task::open(&c.task)?;
     let bank = load_bank(&spec.bank, &c.model, c.allow_base_mismatch)?;
     if !spec.method.needs_bank() && !spec.bank.is_empty() {
@@ -449,7 +491,8 @@ pub fn adapt(spec: &AdaptSpec) -> Result<Value> {
     let (fs, fs_short) = pool.sample_k_shot(task.labels.len(), spec.shots.0, c.seed);
     let short = report_short(&task, &fs_short, spec.shots.0);
     let train_enc = encode_examples(&lm.frontend, &fs)?;
-    let res = adapt_encoded(lm.base(&task.labels)?, lm.pad_id(), task.labels.len(), &train_enc, &test, &bank, &opts)?;
+    let what = format!("adapt {} {}", spec.method.name(), task.name);
+    let res = run_with_progress(&lm, &task, &train_enc, &test, &bank, &opts, &what, c.quiet)?;
     let bank_names: Vec<String> = res.used_modules.iter().map(|&i| bank[i].dir.display().to_string()).collect();
     let weights: serde_json::Map<String, Value> = res.weights.iter().map(|(p, w)| (p.clone(), json!(w))).collect();
     let m = meta(
@@ -748,6 +791,7 @@ pub struct ComposeSpec {
 
 pub fn compose(spec: &ComposeSpec) -> Result<Value> {
     check_out(&spec.out, crate::lora::peft::CONFIG_FILE, spec.force)?;
+    ModelKind::of(&spec.model)?;
     let bank = load_bank(&spec.bank, &spec.model, false)?;
     let n = bank.len();
     let w: Vec<f32> = if spec.weights.is_empty() { vec![1.0 / n as f32; n] } else { spec.weights.clone() };

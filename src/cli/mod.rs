@@ -82,6 +82,10 @@ pub struct TrainArgs {
     /// Accept bank adapters whose base_model_name_or_path names another model (shapes are still checked).
     #[arg(long)]
     pub allow_base_mismatch: bool,
+    /// No progress on stderr (on a terminal a bar; elsewhere a line at each tenth of the steps and at least
+    /// every 10 s).
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 impl TrainArgs {
@@ -101,6 +105,7 @@ impl TrainArgs {
             allow_base_mismatch: self.allow_base_mismatch,
             template: self.template.clone(),
             eval_split: self.eval_split.clone(),
+            quiet: self.quiet,
         }
     }
 }
@@ -302,48 +307,69 @@ pub enum Cmd {
         #[arg(long)]
         allow_base_mismatch: bool,
     },
-    /// Phase 1 where no pre-trained model is at hand: train a small ViT from scratch (CLS pooling, a head) on
-    /// image tasks and write it as a Hugging Face ViTModel directory.
+    /// Phase 1 where no pre-trained model is at hand: train a small model from scratch and write it as a
+    /// Hugging Face directory: a ViT (CLS pooling, a head) on image tasks (ViTModel), or a Llama language
+    /// model on the texts of text tasks, with a BPE tokenizer trained on them (LlamaForCausalLM).
     Pretrain {
-        /// Architecture (only vit).
-        #[arg(long, default_value = "vit", value_parser = ["vit"])]
+        /// Architecture: vit (image tasks) or llama (text tasks).
+        #[arg(long, default_value = "vit", value_parser = ["vit", "llama"])]
         arch: String,
-        /// Image task directories; several are trained on as one task over the union of their labels.
+        /// Task directories: image tasks for vit (trained on as one task over the union of their labels), text
+        /// tasks for llama (their train splits' texts; valid splits give the reported perplexity).
         #[arg(long, num_args = 1.., required = true)]
         task: Vec<PathBuf>,
         /// Output model directory.
         #[arg(long)]
         out: PathBuf,
+        /// Hidden size.
         #[arg(long, default_value_t = 128, value_parser = positive)]
         hidden: usize,
+        /// Layers.
         #[arg(long, default_value_t = 4, value_parser = positive)]
         layers: usize,
+        /// Attention heads.
         #[arg(long, default_value_t = 4, value_parser = positive)]
         heads: usize,
         /// MLP width.
         #[arg(long, default_value_t = 256, value_parser = positive)]
         mlp: usize,
-        #[arg(long, default_value_t = 4, value_parser = positive)]
-        patch: usize,
-        /// Square input size the preprocessor resizes every image to.
-        #[arg(long, default_value_t = 32, value_parser = positive)]
-        image_size: usize,
-        /// Optimisation steps (default: from --epochs).
-        #[arg(long)]
+        /// vit: patch size [default: 4].
+        #[arg(long, value_parser = positive)]
+        patch: Option<usize>,
+        /// vit: square input size the preprocessor resizes every image to [default: 32].
+        #[arg(long, value_parser = positive)]
+        image_size: Option<usize>,
+        /// llama: key/value heads (grouped-query attention) [default: --heads / 2].
+        #[arg(long, value_parser = positive)]
+        kv_heads: Option<usize>,
+        /// llama: BPE vocabulary size [default: 4096].
+        #[arg(long, value_parser = positive)]
+        vocab: Option<usize>,
+        /// llama: longest training sequence in tokens [default: 48].
+        #[arg(long, value_parser = positive)]
+        max_len: Option<usize>,
+        /// Optimisation steps [default: from --epochs].
+        #[arg(long, value_parser = positive)]
         steps: Option<usize>,
-        #[arg(long, default_value_t = 4)]
+        /// Epochs over the training examples (when --steps is not given).
+        #[arg(long, default_value_t = 4, value_parser = positive)]
         epochs: usize,
+        /// Examples (vit) or sequences (llama) per step.
         #[arg(long, default_value_t = 32, value_parser = positive)]
         batch: usize,
+        /// Peak learning rate (linear warm-up, then linear decay).
         #[arg(long, default_value_t = 1e-3)]
         lr: f32,
+        /// AdamW weight decay.
         #[arg(long, default_value_t = 0.05)]
         weight_decay: f32,
+        /// Seed of the initialisation and the batch order.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Replace a model already in --out.
         #[arg(long)]
         force: bool,
+        /// No progress lines.
         #[arg(long)]
         quiet: bool,
     },
@@ -610,7 +636,7 @@ fn run_command(cli: Cli) -> Result<()> {
             println!("{} cells; report: {}", res.cells.len(), out.join("report.md").display());
         }
         Cmd::Pretrain {
-            arch: _,
+            arch,
             task,
             out,
             hidden,
@@ -619,6 +645,9 @@ fn run_command(cli: Cli) -> Result<()> {
             mlp,
             patch,
             image_size,
+            kv_heads,
+            vocab,
+            max_len,
             steps,
             epochs,
             batch,
@@ -633,32 +662,73 @@ fn run_command(cli: Cli) -> Result<()> {
             }
             let tasks: Vec<crate::data::Task> =
                 task.iter().map(|t| crate::data::Task::open(t)).collect::<Result<_>>()?;
-            let n_train: usize =
-                tasks.iter().map(|t| t.image_split("train").map(|v| v.len())).collect::<Result<Vec<_>>>()?.iter().sum();
-            let steps = steps.unwrap_or(epochs * n_train.div_ceil(batch));
-            let opts = crate::methods::pretrain::PretrainOpts {
-                hidden,
-                layers,
-                heads,
-                mlp,
-                patch,
-                image_size,
-                steps,
-                batch,
-                lr,
-                weight_decay,
-                seed,
+            let mut progress: Option<crate::progress::Progress> = None;
+            let mut log = |_: usize, loss: f32, steps: usize| {
+                let p = progress.get_or_insert_with(|| {
+                    crate::progress::Progress::new(steps, &format!("pretrain {arch}"), "step", quiet)
+                });
+                p.set_message(format!("loss {loss:.4}"));
+                p.inc(1);
             };
-            let every = (steps / 20).max(1);
-            let (mut sum, mut n) = (0.0f32, 0usize);
-            let m = crate::methods::pretrain::pretrain_vit(&tasks, &opts, &out, |t, loss| {
-                sum += loss;
-                n += 1;
-                if !quiet && ((t + 1) % every == 0 || t + 1 == steps) {
-                    eprintln!("step {}/{steps}: mean loss {:.4}", t + 1, sum / n as f32);
-                    (sum, n) = (0.0, 0);
+            let m = if arch == "llama" {
+                for (flag, given) in [("--patch", patch.is_some()), ("--image-size", image_size.is_some())] {
+                    if given {
+                        bail!("{flag} is an option of --arch vit");
+                    }
                 }
-            })?;
+                let max_len = max_len.unwrap_or(48);
+                let n_train: usize = tasks
+                    .iter()
+                    .map(|t| t.examples("train").map(|e| e.len()))
+                    .collect::<Result<Vec<_>>>()?
+                    .iter()
+                    .sum();
+                let steps = steps.unwrap_or(epochs * n_train.div_ceil(batch));
+                let opts = crate::methods::pretrain_lm::LmPretrainOpts {
+                    hidden,
+                    layers,
+                    heads,
+                    kv_heads: kv_heads.unwrap_or((heads / 2).max(1)),
+                    mlp,
+                    vocab: vocab.unwrap_or(4096),
+                    max_len,
+                    steps,
+                    batch,
+                    lr,
+                    weight_decay,
+                    seed,
+                };
+                crate::methods::pretrain_lm::pretrain_llama(&tasks, &opts, &out, |t, l| log(t, l, steps))?
+            } else {
+                for (flag, given) in
+                    [("--kv-heads", kv_heads.is_some()), ("--vocab", vocab.is_some()), ("--max-len", max_len.is_some())]
+                {
+                    if given {
+                        bail!("{flag} is an option of --arch llama");
+                    }
+                }
+                let n_train: usize = tasks
+                    .iter()
+                    .map(|t| t.image_split("train").map(|v| v.len()))
+                    .collect::<Result<Vec<_>>>()?
+                    .iter()
+                    .sum();
+                let steps = steps.unwrap_or(epochs * n_train.div_ceil(batch));
+                let opts = crate::methods::pretrain::PretrainOpts {
+                    hidden,
+                    layers,
+                    heads,
+                    mlp,
+                    patch: patch.unwrap_or(4),
+                    image_size: image_size.unwrap_or(32),
+                    steps,
+                    batch,
+                    lr,
+                    weight_decay,
+                    seed,
+                };
+                crate::methods::pretrain::pretrain_vit(&tasks, &opts, &out, |t, l| log(t, l, steps))?
+            };
             println!("{}", serde_json::to_string_pretty(&m)?);
         }
         Cmd::VisionTasks { data, out, seed } => {

@@ -5,11 +5,10 @@
 //! one or two keywords of its class's group inserted. Phase 1 pre-trains a tiny encoder (2 layers, d 64)
 //! with full training on groups 0–11; phase 2 trains one LoRA per upstream task (groups 0–17, in overlapping
 //! 4-way choices) and writes each as a PEFT adapter; phase 3 adapts to held-out tasks (groups 12–23, half of
-//! them unseen by the bank) with every method at 1, 4 and 16 shots over 3 seeds.
+//! them unseen by the bank) with every method at 1, 4 and 16 shots over 3 seeds. Phases 2 and 3 are a sweep
+//! (`demo.toml` in the output directory): the same bank training, cells, report and plots as a real suite.
 
-use crate::data::{sample_k_shot, Example};
-use crate::engine::kernels::Pooling;
-use crate::lora::peft::Adapter;
+use crate::data::Example;
 use crate::methods::{adapt, AdaptOpts, Method};
 use crate::models::bert::Bert;
 use crate::models::config::BertConfig;
@@ -18,7 +17,6 @@ use anyhow::{anyhow, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -123,97 +121,111 @@ pub fn run(out: &Path, quiet: bool) -> Result<String> {
     crate::engine::weights::write_safetensors(&model_dir.join("model.safetensors"), &bert.state_dict(), None)?;
     crate::util::write_atomic(&model_dir.join("config.json"), serde_json::to_string_pretty(&config())?.as_bytes())?;
 
-    // Phase 2: the bank, one LoRA per upstream task.
-    let upstream: Vec<Vec<usize>> = (0..8).map(|i| (0..4).map(|j| (i * 2 + j * 3) % 18).collect()).collect();
-    say(&format!("phase 2: training a bank of {} LoRA modules (rank 4 on query, value)", upstream.len()));
-    let mut bank = Vec::new();
-    for (i, groups) in upstream.iter().enumerate() {
-        let train = generate(groups, 60, &mut rng);
-        let test = generate(groups, 20, &mut rng);
-        let mut o = AdaptOpts::defaults(Method::Lora, i as u64);
-        o.rank = 4;
-        o.alpha = 8.0;
-        o.loop_opts.steps = 150;
-        o.lr_body = 3e-3;
-        let r = adapt(&bert, &tok, 4, &train, &test, &[], &o)?;
-        let dir = out.join("bank").join(format!("task{i}"));
-        let meta = json!({"labels": groups.iter().map(|g| format!("group{g}")).collect::<Vec<_>>(), "pooling": "mean", "task": format!("task{i}")});
-        let mut r = r;
-        crate::methods::export::export_adapter(
-            r.model.as_dyn(),
-            &dir,
-            Some(model_dir.display().to_string()),
-            None,
-            None,
-            &meta,
-        )?;
-        bank.push(Adapter::load(&dir)?);
-        say(&format!("  upstream task{i} (groups {groups:?}): accuracy {:.1}%", r.scores.accuracy * 100.0));
-    }
-
-    // Phase 3: few-shot adaptation to held-out tasks.
-    let downstream: Vec<(String, Vec<usize>)> = vec![
-        ("near".into(), vec![12, 13, 14, 15]),
-        ("mixed".into(), vec![16, 17, 18, 19]),
-        ("novel".into(), vec![20, 21, 22, 23]),
-    ];
-    let shots = [1usize, 4, 16];
-    let seeds = [0u64, 1, 2];
-    say("phase 3: few-shot adaptation, every method, shots 1/4/16, 3 seeds");
-    let mut lines = String::new();
-    let mut acc: BTreeMap<(String, usize), Vec<f64>> = BTreeMap::new();
-    let mut params: BTreeMap<String, usize> = BTreeMap::new();
-    for (name, groups) in &downstream {
-        let pool = generate(groups, 40, &mut rng);
-        let test = generate(groups, 50, &mut rng);
-        for &k in &shots {
-            for &seed in &seeds {
-                let fs = sample_k_shot(&pool, 4, Some(k), seed);
-                for m in Method::ALL {
-                    let mut o = AdaptOpts::defaults(m, seed);
-                    o.loop_opts.steps = 100;
-                    o.rank = 4;
-                    o.alpha = 8.0;
-                    o.pooling = Pooling::Mean;
-                    if m == Method::Full {
-                        o.lr_body = 1e-3;
-                    }
-                    let r = adapt(&bert, &tok, 4, &fs.examples, &test, &bank, &o)?;
-                    acc.entry((m.name().to_string(), k)).or_default().push(r.scores.accuracy * 100.0);
-                    params.insert(m.name().to_string(), r.trainable_params);
-                    let line = json!({"task": name, "method": m.name(), "shots": k, "seed": seed,
-                        "accuracy": r.scores.accuracy, "macro_f1": r.scores.macro_f1,
-                        "trainable_params": r.trainable_params, "train_seconds": r.train_seconds});
-                    writeln!(lines, "{line}").unwrap();
-                }
+    // Phases 2 and 3 run through the sweep machinery, as a real suite does: the tasks are written as task
+    // directories, the bank is trained once per upstream task, every cell is appended to results.jsonl, and
+    // report.md and the plots come from the sweep's report.
+    let tasks = out.join("tasks");
+    let write_task =
+        |name: &str, groups: &[usize], n_train: usize, n_test: usize, rng: &mut rand::rngs::StdRng| -> Result<()> {
+            let dir = tasks.join(name);
+            std::fs::create_dir_all(&dir).map_err(|e| anyhow!("cannot create {}: {e}", dir.display()))?;
+            let labels: Vec<String> = groups.iter().map(|g| format!("group{g}")).collect();
+            crate::util::write_atomic(&dir.join("labels.txt"), (labels.join("\n") + "\n").as_bytes())?;
+            for (split, n) in [("train", n_train), ("valid", n_test / 2), ("test", n_test)] {
+                let lines: String = generate(groups, n, rng)
+                    .iter()
+                    .map(|e| json!({"text": e.text, "label": labels[e.label]}).to_string() + "\n")
+                    .collect();
+                crate::util::write_atomic(&dir.join(format!("{split}.jsonl")), lines.as_bytes())?;
             }
-        }
-        say(&format!("  {name} (groups {groups:?}) done"));
+            Ok(())
+        };
+    let upstream: Vec<Vec<usize>> = (0..8).map(|i| (0..4).map(|j| (i * 2 + j * 3) % 18).collect()).collect();
+    for (i, groups) in upstream.iter().enumerate() {
+        write_task(&format!("task{i}"), groups, 60, 20, &mut rng)?;
     }
-    crate::util::write_atomic(&out.join("results.jsonl"), lines.as_bytes())?;
+    let downstream: Vec<(&str, Vec<usize>)> =
+        vec![("near", vec![12, 13, 14, 15]), ("mixed", vec![16, 17, 18, 19]), ("novel", vec![20, 21, 22, 23])];
+    for (name, groups) in &downstream {
+        write_task(name, groups, 40, 50, &mut rng)?;
+    }
+    let config = format!(
+        r#"# The demo's phases 2 and 3 (written by `loracomp demo`).
+name = "demo"
+model = "{}"
+data = "{}"
+upstream = [{}]
+downstream = ["near", "mixed", "novel"]
+shots = [1, 4, 16]
+seeds = 3
+methods = ["linear-probe", "full", "lora", "uniform", "learned"]
+
+[bank]
+rank = 4
+alpha = 8
+targets = ["query", "value"]
+epochs = 10
+batch = 16
+
+[adapt]
+steps = 100
+batch = 16
+max_len = 32
+lora_rank = 4
+lora_alpha = 8
+lr = {{ full = 1e-3 }}
+
+[heatmap]
+task = "novel"
+shots = 16
+"#,
+        model_dir.display(),
+        tasks.display(),
+        (0..upstream.len()).map(|i| format!("\"task{i}\"")).collect::<Vec<_>>().join(", ")
+    );
+    say(&format!(
+        "phase 2: a bank of {} LoRA modules (rank 4 on query, value); phase 3: every method, shots 1/4/16, 3 seeds",
+        upstream.len()
+    ));
+    let cfg_path = out.join("demo.toml");
+    crate::util::write_atomic(&cfg_path, config.as_bytes())?;
+    let cfg = super::sweep::SweepConfig::parse(&cfg_path, &config)?;
+    cfg.check_inputs()?;
+    let opts = super::sweep::SweepOpts { quiet, threads: rayon::current_num_threads(), tasks: Vec::new() };
+    // A demo always starts afresh: results of an earlier demo in the same directory are replaced.
+    std::fs::remove_file(out.join("results.jsonl")).ok();
+    let res = super::sweep::run(&cfg, &config, out, &opts)?;
     let mut table = String::new();
+    let shots = ["1", "4", "16"];
     writeln!(table, "| method | trainable params | {} |", shots.map(|k| format!("{k}-shot")).join(" | ")).unwrap();
     writeln!(table, "|---|---|{}", "---|".repeat(shots.len())).unwrap();
     for m in Method::ALL {
         let cells: Vec<String> = shots
             .iter()
             .map(|&k| {
-                let v = &acc[&(m.name().to_string(), k)];
-                let mean = v.iter().sum::<f64>() / v.len() as f64;
-                let sd = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len() - 1).max(1) as f64).sqrt();
+                let v: Vec<f64> = res
+                    .cells
+                    .iter()
+                    .filter(|c| c.kind == "main" && c.method == m.name() && c.shots == k)
+                    .map(|c| c.accuracy * 100.0)
+                    .collect();
+                let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+                let sd = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len().max(2) - 1) as f64).sqrt();
                 format!("{mean:.1} ± {sd:.1}")
             })
             .collect();
-        writeln!(table, "| {} | {} | {} |", m.name(), params[m.name()], cells.join(" | ")).unwrap();
+        let params = res.cells.iter().find(|c| c.method == m.name()).map_or(0, |c| c.trainable_params);
+        writeln!(table, "| {} | {params} | {} |", m.name(), cells.join(" | ")).unwrap();
     }
-    let report = format!(
+    let summary = format!(
         "# loracomp demo\n\nGenerated keyword tasks; foundation model pre-trained in-process ({:.1}% on its own task); \
          bank of {} LoRA modules; accuracy (%) on 3 held-out tasks, mean ± std over tasks × 3 seeds.\n\n{table}\n\
-         Wall time: {:.0} s. Per-run results: results.jsonl. Foundation model: foundation/. Bank: bank/.\n",
+         Wall time: {:.0} s. Full report with confidence intervals, paired tests and plots: report.md. Per-run \
+         results: results.jsonl. Foundation model: foundation/. Tasks: tasks/. Bank: bank/.\n",
         pre.scores.accuracy * 100.0,
-        bank.len(),
+        upstream.len(),
         t0.elapsed().as_secs_f64()
     );
-    crate::util::write_atomic(&out.join("report.md"), report.as_bytes())?;
-    Ok(report)
+    crate::util::write_atomic(&out.join("summary.md"), summary.as_bytes())?;
+    Ok(summary)
 }

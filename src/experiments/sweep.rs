@@ -9,6 +9,7 @@ use crate::lora::peft::Adapter;
 use crate::methods::common::{embed_examples, encode_examples, Encoded};
 use crate::methods::{adapt_encoded, AdaptOpts, Method};
 use crate::models::encoder::LoadedModel;
+use crate::progress::Progress;
 use anyhow::{anyhow, bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -404,7 +405,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
     // Phase 2: the bank, trained once per (model, task data, settings).
     let settings_json = serde_json::to_string(&cfg.bank)?;
     let mut bank_dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
-    let pb = progress(cfg.upstream.len(), "bank", opts.quiet);
+    let mut pb = Progress::new(cfg.upstream.len(), "bank", "module", opts.quiet);
     for up in &cfg.upstream {
         let tdir = cfg.data.join(up);
         let th = sha256_files(&task_files(&tdir))?;
@@ -432,12 +433,12 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
                 shots: None,
             };
             let m = crate::app::train(&spec)?;
-            log(&format!("bank: {up}: valid accuracy {:.4}", m["valid_accuracy"].as_f64().unwrap_or(0.0)));
+            pb.println(&format!("bank: {up}: valid accuracy {:.4}", m["valid_accuracy"].as_f64().unwrap_or(0.0)));
         }
         bank_dirs.insert(up.clone(), dir);
         pb.inc(1);
     }
-    pb.finish_and_clear();
+    pb.finish();
     let bank_all: BTreeMap<String, Adapter> =
         bank_dirs.iter().map(|(k, d)| Ok((k.clone(), Adapter::load(d)?))).collect::<Result<_>>()?;
 
@@ -502,7 +503,8 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
         .collect();
     log(&format!("sweep '{}': {} cells to run ({} already done)", cfg.name, todo.len(), done.len()));
     let mut tasks: HashMap<String, (Task, Examples, Vec<Encoded>)> = HashMap::new();
-    let pb = progress(todo.len(), "cells", opts.quiet);
+    let (pb_total, mut ran) = (todo.len(), 0usize);
+    let mut pb = Progress::new(pb_total, "cells", "cell", opts.quiet);
     for (key, task_name, method, k, seed, bank_names) in todo {
         pb.set_message(format!("{task_name} {method} {k}-shot seed {seed}"));
         if !tasks.contains_key(&task_name) {
@@ -551,10 +553,21 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
             weights: if m == Method::Learned { r.weights.into_iter().collect() } else { BTreeMap::new() },
         };
         append_result(&results_path, &cell)?;
+        pb.println(&format!(
+            "cell {}/{pb_total}: {} {} {}-shot seed {}: accuracy {:.4} ({:.1}s)",
+            ran + 1,
+            cell.task,
+            cell.method,
+            cell.shots,
+            cell.seed,
+            cell.accuracy,
+            cell.train_seconds
+        ));
         cells.push(cell);
+        ran += 1;
         pb.inc(1);
     }
-    pb.finish_and_clear();
+    pb.finish();
 
     // Similarity of each upstream task to each downstream task: cosine of their mean base-model embeddings.
     let mut similarity = BTreeMap::new();
@@ -591,7 +604,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
     // CKA gain of each module alone with each downstream task's labels (up to 32 training examples a class).
     let mut cka = BTreeMap::new();
     if features && cfg.methods.iter().any(|m| m == "learned") && !cfg.upstream.is_empty() {
-        let pb = progress(cfg.downstream.len(), "similarity (CKA)", opts.quiet);
+        let mut pb = Progress::new(cfg.downstream.len(), "similarity (CKA)", "task", opts.quiet);
         for d in &cfg.downstream {
             let t = Task::open(&cfg.data.join(d))?;
             let classes = t.labels.len();
@@ -609,7 +622,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
             cka.insert(d.clone(), names.into_iter().zip(gains).collect());
             pb.inc(1);
         }
-        pb.finish_and_clear();
+        pb.finish();
     }
     let output = SweepOutput { cells, similarity, cka, bank_names: cfg.upstream.clone() };
     super::report::write_all(cfg, &output, out)?;
@@ -637,19 +650,6 @@ fn git_commit() -> Value {
         .filter(|o| o.status.success())
         .map(|o| json!(String::from_utf8_lossy(&o.stdout).trim().to_string()))
         .unwrap_or(Value::Null)
-}
-
-fn progress(n: usize, what: &str, quiet: bool) -> indicatif::ProgressBar {
-    if quiet {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(n as u64);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(&format!("{what} [{{bar:30}}] {{pos}}/{{len}} eta {{eta}} {{msg}}"))
-            .unwrap()
-            .progress_chars("=> "),
-    );
-    pb
 }
 
 #[cfg(test)]

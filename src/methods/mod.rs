@@ -22,6 +22,7 @@ pub mod lora;
 pub mod merges;
 pub mod peers;
 pub mod pretrain;
+pub mod pretrain_lm;
 pub mod similarity;
 pub mod step;
 pub mod task;
@@ -253,6 +254,21 @@ pub fn adapt_encoded(
     bank: &[Adapter],
     opts: &AdaptOpts,
 ) -> Result<Outcome> {
+    adapt_encoded_with(base, pad, classes, train_enc, test_enc, bank, opts, &mut |_, _| {})
+}
+
+/// [`adapt_encoded`], calling `progress(step, loss)` after every step of gradient training.
+#[allow(clippy::too_many_arguments)]
+pub fn adapt_encoded_with(
+    base: impl Into<Base>,
+    pad: u32,
+    classes: usize,
+    train_enc: &[Encoded],
+    test_enc: &[Encoded],
+    bank: &[Adapter],
+    opts: &AdaptOpts,
+    progress: &mut dyn FnMut(usize, f32),
+) -> Result<Outcome> {
     if opts.method.needs_bank() && bank.is_empty() {
         bail!("method '{}' needs a bank: give --bank ADAPTERDIR...", opts.method.name());
     }
@@ -347,7 +363,7 @@ pub fn adapt_encoded(
         let (lr_head, lr_body) = (opts.lr_head, opts.lr_body);
         let lr_for = move |n: &str| if n.starts_with("classifier.") { lr_head } else { lr_body };
         let mut hook = learned::hook(opts.global_weights, opts.entropy_penalty);
-        train_model(model, train_enc, &opts.loop_opts, &lr_for, Some(&mut hook), |_, _| {})?
+        train_model(model, train_enc, &opts.loop_opts, &lr_for, Some(&mut hook), progress)?
     };
     let train_seconds = t0.elapsed().as_secs_f64();
     let pred = predict(model, test_enc, opts.eval_batch)?;

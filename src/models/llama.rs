@@ -372,6 +372,102 @@ impl Llama {
         })
     }
 
+    /// A random model with `LlamaForCausalLM`'s keys (normal weights scaled by `1/√fan_in`, embeddings
+    /// normal(0, 0.02) as transformers initialises them, unit norms), from a seeded generator. The start of
+    /// `loracomp pretrain --arch llama`, and real shapes for timings.
+    pub fn random(cfg: LlamaConfig, seed: u64) -> Result<Self> {
+        use rand::SeedableRng;
+        cfg.validate()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (d, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (qd, kd) = (cfg.num_attention_heads * cfg.head_dim(), cfg.kv_heads() * cfg.head_dim());
+        let mut names: Vec<(String, Vec<usize>)> =
+            vec![("model.embed_tokens.weight".into(), vec![v, d]), ("model.norm.weight".into(), vec![d])];
+        if !cfg.tie_word_embeddings {
+            names.push(("lm_head.weight".into(), vec![v, d]));
+        }
+        for l in 0..cfg.num_hidden_layers {
+            let shapes = [[qd, d], [kd, d], [kd, d], [d, qd], [i, d], [i, d], [d, i]];
+            for (name, shape) in LINEAR_NAMES.iter().zip(shapes) {
+                names.push((format!("model.layers.{l}.{name}.weight"), shape.to_vec()));
+                let bias = if name.starts_with("self_attn") { cfg.attention_bias } else { cfg.mlp_bias };
+                if bias {
+                    names.push((format!("model.layers.{l}.{name}.bias"), vec![shape[0]]));
+                }
+            }
+            for n in ["input_layernorm", "post_attention_layernorm"] {
+                names.push((format!("model.layers.{l}.{n}.weight"), vec![d]));
+            }
+        }
+        let mut tensors = std::collections::BTreeMap::new();
+        for (n, shape) in names {
+            let len: usize = shape.iter().product();
+            let data: Vec<f32> = if n.ends_with("norm.weight") {
+                vec![1.0; len]
+            } else if n.ends_with(".bias") {
+                vec![0.0; len]
+            } else {
+                let std = if n.contains("embed_tokens") { 0.02 } else { (shape[1] as f32).powf(-0.5) };
+                (0..len).map(|_| crate::util::normal(&mut rng) * std).collect()
+            };
+            tensors.insert(n, (shape, data));
+        }
+        let mut tf = TensorFile { path: "<random>".into(), tensors, unusable: Default::default() };
+        Self::from_tensors(cfg, &mut tf)
+    }
+
+    /// Every weight under its `LlamaForCausalLM` safetensors key (`lm_head.weight` only when untied).
+    pub fn state_dict(&self) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut put = |k: String, p: &Param| {
+            out.insert(k, (p.shape.clone(), p.data.clone()));
+        };
+        put("model.embed_tokens.weight".into(), &self.embed);
+        put("model.norm.weight".into(), &self.norm);
+        if !self.tied {
+            put("lm_head.weight".into(), &self.lm_head.w);
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let lins = [
+                &layer.q_proj,
+                &layer.k_proj,
+                &layer.v_proj,
+                &layer.o_proj,
+                &layer.gate_proj,
+                &layer.up_proj,
+                &layer.down_proj,
+            ];
+            for (name, lin) in LINEAR_NAMES.iter().zip(lins) {
+                put(format!("model.layers.{l}.{name}.weight"), &lin.w);
+                if let Some(b) = &lin.bias {
+                    put(format!("model.layers.{l}.{name}.bias"), b);
+                }
+            }
+            put(format!("model.layers.{l}.input_layernorm.weight"), &layer.input_layernorm);
+            put(format!("model.layers.{l}.post_attention_layernorm.weight"), &layer.post_attention_layernorm);
+        }
+        out
+    }
+
+    /// Make every weight trainable (pre-training): embeddings, norms, every linear layer and the head.
+    pub fn set_all_trainable(&mut self, on: bool) {
+        self.embed.set_trainable(on);
+        self.norm.set_trainable(on);
+        for layer in &mut self.layers {
+            layer.input_layernorm.set_trainable(on);
+            layer.post_attention_layernorm.set_trainable(on);
+            for lin in layer.linears_mut() {
+                lin.w.set_trainable(on);
+                if let Some(b) = lin.bias.as_mut() {
+                    b.set_trainable(on);
+                }
+            }
+        }
+        if !self.tied {
+            self.lm_head.w.set_trainable(on);
+        }
+    }
+
     pub fn hidden(&self) -> usize {
         self.cfg.hidden_size
     }
