@@ -178,6 +178,16 @@ impl Examples {
         }
     }
 
+    /// At most `n` examples spread evenly over the split (every ⌈len/n⌉-th one, in order), the same ones every
+    /// time: a fixed evaluation subsample.
+    pub fn spread(&self, n: usize) -> Examples {
+        let step = self.len().div_ceil(n.max(1)).max(1);
+        match self {
+            Examples::Text(v) => Examples::Text(v.iter().step_by(step).cloned().collect()),
+            Examples::Images(s, v) => Examples::Images(*s, v.iter().step_by(step).cloned().collect()),
+        }
+    }
+
     /// K examples per class (see [`sample_k_shot`]); returns the sample and the short classes.
     pub fn sample_k_shot(&self, classes: usize, k: Option<usize>, seed: u64) -> (Examples, Vec<(usize, usize)>) {
         match self {

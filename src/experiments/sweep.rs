@@ -69,6 +69,9 @@ pub struct AdaptSettings {
     pub lr_head: Option<f32>,
     pub lora_rank: usize,
     pub lora_alpha: f32,
+    /// Evaluate each cell on at most this many test examples, spread evenly over the split (the same ones for
+    /// every cell): for models whose evaluation dominates the cost (rank classification over many labels).
+    pub eval_limit: Option<usize>,
 }
 
 impl Default for AdaptSettings {
@@ -79,8 +82,10 @@ impl Default for AdaptSettings {
             max_len: 128,
             lr: BTreeMap::new(),
             lr_head: None,
-            lora_rank: 8,
-            lora_alpha: 16.0,
+            // LoRA from scratch at rank 16, as in the paper (and as `adapt`).
+            lora_rank: 16,
+            lora_alpha: 32.0,
+            eval_limit: None,
         }
     }
 }
@@ -204,6 +209,7 @@ impl SweepConfig {
             ("bank.batch", self.bank.batch),
             ("adapt.batch", self.adapt.batch),
             ("adapt.lora_rank", self.adapt.lora_rank),
+            ("adapt.eval_limit", self.adapt.eval_limit.unwrap_or(1)),
             ("ablation.shots", self.ablation.as_ref().map_or(1, |a| a.shots)),
         ] {
             if v == 0 {
@@ -510,7 +516,12 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
         if !tasks.contains_key(&task_name) {
             let t = Task::open(&cfg.data.join(&task_name))?;
             input_hashes.insert(format!("task:{task_name}"), sha256_files(&task_files(&t.dir))?);
-            let (tr, te) = (t.examples("train")?, encode_examples(&lm.frontend, &t.examples("test")?)?);
+            let test = t.examples("test")?;
+            let test = match cfg.adapt.eval_limit {
+                Some(n) => test.spread(n),
+                None => test,
+            };
+            let (tr, te) = (t.examples("train")?, encode_examples(&lm.frontend, &test)?);
             tasks.insert(task_name.clone(), (t, tr, te));
         }
         let (task, train, test) = &tasks[&task_name];
