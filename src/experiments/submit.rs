@@ -60,6 +60,23 @@ impl StageLoad {
     }
 }
 
+/// CPU-hours, printed with enough digits to be read at any size.
+struct Hours(f64);
+
+impl std::fmt::Display for Hours {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let h = self.0;
+        let s = if h >= 10.0 {
+            format!("{h:.1}")
+        } else if h >= 0.01 {
+            format!("{h:.3}")
+        } else {
+            format!("{h:.2e}")
+        };
+        f.pad(&s)
+    }
+}
+
 /// What a submission did: the summary printed, and the job ids (Slurm, not a dry run).
 pub struct Submitted {
     pub summary: String,
@@ -308,7 +325,7 @@ pub fn submit(cfg: &SweepConfig, spec: &SubmitSpec) -> Result<Submitted> {
             cells.todo_cost[s] += c.cost;
         }
     }
-    let hours = |cost: f64| plan.cpu_seconds(cost, cfg.adapt.max_len) / 3600.0;
+    let hours = |cost: f64| Hours(plan.cpu_seconds(cost, cfg.adapt.max_len) / 3600.0);
     let mut summary = String::new();
     let total_cells = plan.cells.len();
     let missing: usize = cells.todo.iter().sum();
@@ -322,7 +339,7 @@ pub fn submit(cfg: &SweepConfig, spec: &SubmitSpec) -> Result<Submitted> {
     )?;
     writeln!(
         summary,
-        "estimated CPU-hours: {:.2} in all (bank {:.2}, cells {:.2}); still to run {:.2}",
+        "estimated CPU-hours: {} in all (bank {}, cells {}); still to run {}",
         hours(bank_total + cells_total),
         hours(bank_total),
         hours(cells_total),
@@ -330,7 +347,7 @@ pub fn submit(cfg: &SweepConfig, spec: &SubmitSpec) -> Result<Submitted> {
     )?;
     writeln!(
         summary,
-        "  (a rough estimate: {:.1}M parameters, {} tokens an example, 6 flops per parameter and token per training \
+        "  (a rough estimate: {:.3}M parameters, {} tokens an example, 6 flops per parameter and token per training \
          example, {:.0} GFLOP/s per core; the similarities of the report stage not included)",
         plan.model_params / 1e6,
         cfg.adapt.max_len,
@@ -340,7 +357,7 @@ pub fn submit(cfg: &SweepConfig, spec: &SubmitSpec) -> Result<Submitted> {
     for s in 0..n {
         writeln!(
             summary,
-            "{s:>5}  {:>12} ({:>6})  {:>10.3}  {:>5} ({:>6})  {:>11.3}",
+            "{s:>5}  {:>12} ({:>6})  {:>10}  {:>5} ({:>6})  {:>11}",
             bank.items[s],
             bank.todo[s],
             hours(bank.cost[s]),
