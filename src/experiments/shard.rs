@@ -138,29 +138,33 @@ pub fn split_len(dir: &Path, split: &str) -> Result<usize> {
     Ok(bytes.split(|b| *b == b'\n').filter(|l| l.iter().any(|b| !b.is_ascii_whitespace())).count())
 }
 
-/// Relative cost of a method per training example (forward + backward through the body = 1), with `m` modules.
-pub fn method_factor(method: &str, m: usize) -> f64 {
+/// Relative cost of a method per training example of a training step (LoRA = 1), with `m` modules; `None` for
+/// methods whose encoder stays frozen (their head trains on features computed once).
+pub fn method_factor(method: &str, m: usize) -> Option<f64> {
     let m = m as f64;
     match method {
-        // frozen body: one forward pass per example, then the head on cached features
-        "linear-probe" => 0.4,
         // every weight trained: the body's backward in full and AdamW over every parameter
-        "full" => 2.0,
-        "lora" => 1.0,
-        "uniform" => 1.0 + 0.02 * m,
-        "learned" => 1.2 + 0.1 * m,
-        // LoraHub scores whole CMA-ES generations of merged banks; the merges build dense ΔW per module
-        "lorahub" | "lorahub-compat" => 0.6 + 0.2 * m,
-        _ => 0.5 + 0.1 * m,
+        "full" => Some(1.5),
+        "lora" => Some(1.0),
+        "learned" => Some(0.8 + 0.02 * m),
+        // LoraHub scores whole CMA-ES generations of merged banks on the few-shot examples
+        "lorahub" | "lorahub-compat" => Some(0.5 + 0.02 * m),
+        _ => None,
     }
 }
 
-/// Estimated cost (example passes) of one few-shot cell: training `steps` batches of at most `batch` of the
-/// `n_fewshot` examples, then a forward pass over the `n_test` test examples.
+/// Estimated cost (example passes; a forward pass is 1/3) of one few-shot cell: `steps` training steps of at
+/// most `batch` of the `n_fewshot` examples (a frozen encoder: one forward pass over them), then a forward
+/// pass over the `n_test` test examples. Calibrated on the label-shift protocol run (RESULTS.md): full ≈ 1.5 ×
+/// LoRA ≈ 1.5 × learned per cell, linear-probe and uniform ≈ their few-shot forward passes.
 pub fn cell_cost(method: &str, modules: usize, steps: usize, batch: usize, n_fewshot: usize, n_test: usize) -> f64 {
     let per_step = batch.min(n_fewshot.max(1)) as f64;
-    let eval = n_test as f64 / 3.0 * (1.0 + 0.01 * modules as f64);
-    steps as f64 * per_step * method_factor(method, modules) + eval + 1.0
+    let forward = 1.0 + 0.01 * modules as f64;
+    let train = match method_factor(method, modules) {
+        Some(f) => steps as f64 * per_step * f,
+        None => n_fewshot as f64 / 3.0 * forward,
+    };
+    train + n_test as f64 / 3.0 * forward + 1.0
 }
 
 /// Estimated cost of training one bank module: `epochs` passes over `n_train` examples (LoRA), then validation.
@@ -168,13 +172,45 @@ pub fn bank_cost(epochs: usize, n_train: usize, n_valid: usize) -> f64 {
     epochs as f64 * n_train as f64 + n_valid as f64 / 3.0 + 1.0
 }
 
-/// Assumed sustained throughput of one core, for turning example passes into CPU time.
-pub const FLOPS_PER_CORE: f64 = 2.0e10;
+/// Effective throughput of one core, for turning example passes into CPU time: calibrated so that the
+/// label-shift protocol (all-MiniLM-L6-v2, 2,050 cells, 222 min on 2 threads ≈ 7.4 CPU-hours) is estimated at
+/// about that (AVX-512 f32 GEMM; other CPUs are slower).
+pub const FLOPS_PER_CORE: f64 = 1.0e11;
 
 /// CPU seconds of one example pass (forward + backward ≈ 6 flops per parameter per token) of a model of
-/// `params` parameters at `tokens` tokens an example.
-pub fn seconds_per_pass(params: f64, tokens: usize) -> f64 {
-    6.0 * params * tokens as f64 / FLOPS_PER_CORE
+/// `params` parameters (embedding tables excluded: they are looked up, not multiplied) at `tokens` tokens an
+/// example.
+pub fn seconds_per_pass(params: f64, tokens: f64) -> f64 {
+    6.0 * params * tokens / FLOPS_PER_CORE
+}
+
+/// Tokens an example, estimated from a task's training file without tokenizing: about one token per 5 bytes of
+/// a JSON line (text and label), plus the special tokens; at most `max_len`. Image tasks: 197 (a 224-pixel
+/// image in 16-pixel patches, and CLS).
+pub fn tokens_per_example(dir: &Path, max_len: usize) -> f64 {
+    if dir.join("image.json").exists() {
+        return 197.0;
+    }
+    let n = split_len(dir, "train").unwrap_or(0).max(1);
+    let bytes = std::fs::metadata(dir.join("train.jsonl")).map(|m| m.len() as f64).unwrap_or(0.0);
+    (bytes / n as f64 / 5.0 + 2.0).clamp(1.0, max_len.max(1) as f64)
+}
+
+/// Parameters of the model at `dir` that take part in matrix products: its weight file's size over 4 bytes
+/// (f32), less the word-embedding table (`vocab_size` × `hidden_size`/`d_model` of config.json).
+pub fn matmul_params(dir: &Path) -> f64 {
+    let all = std::fs::metadata(dir.join("model.safetensors")).map(|m| m.len() as f64 / 4.0).unwrap_or(0.0);
+    let cfg: serde_json::Value = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let get = |k: &str| cfg[k].as_f64().unwrap_or(0.0);
+    let embed = get("vocab_size") * get("hidden_size").max(get("d_model"));
+    if embed < all {
+        all - embed
+    } else {
+        all
+    }
 }
 
 #[cfg(test)]

@@ -307,25 +307,33 @@ pub fn submit(cfg: &SweepConfig, spec: &SubmitSpec) -> Result<Submitted> {
     let plan = Plan::new(cfg, &spec.out)?;
     let n = spec.shards;
     let done: HashSet<String> = collect_results(&spec.out)?.into_iter().map(|c| c.key).collect();
+    // Every bank module and cell with its shard, estimated cost and state: DIR/<slurm|k8s>/plan.tsv.
+    let mut table = String::from("stage\tshard\tkey\tcost\tdone\n");
     let mut bank = StageLoad::new(n);
     for (b, s) in plan.bank.iter().zip(plan.bank_shards(n)) {
+        let trained = b.dir.join("metrics.json").exists();
         bank.items[s] += 1;
         bank.cost[s] += b.cost;
-        if !b.dir.join("metrics.json").exists() {
+        if !trained {
             bank.todo[s] += 1;
             bank.todo_cost[s] += b.cost;
         }
+        writeln!(table, "bank\t{s}\t{}\t{:.0}\t{trained}", b.name, b.cost)?;
     }
     let mut cells = StageLoad::new(n);
     for (c, s) in plan.cells.iter().zip(plan.cell_shards(n)) {
+        let have = done.contains(&c.key);
         cells.items[s] += 1;
         cells.cost[s] += c.cost;
-        if !done.contains(&c.key) {
+        if !have {
             cells.todo[s] += 1;
             cells.todo_cost[s] += c.cost;
         }
+        writeln!(table, "cells\t{s}\t{}\t{:.0}\t{have}", c.key, c.cost)?;
     }
-    let hours = |cost: f64| Hours(plan.cpu_seconds(cost, cfg.adapt.max_len) / 3600.0);
+    let dir = spec.out.join(if spec.target == Target::Slurm { "slurm" } else { "k8s" });
+    crate::util::write_atomic(&dir.join("plan.tsv"), table.as_bytes())?;
+    let hours = |cost: f64| Hours(plan.cpu_seconds(cost) / 3600.0);
     let mut summary = String::new();
     let total_cells = plan.cells.len();
     let missing: usize = cells.todo.iter().sum();
@@ -347,10 +355,11 @@ pub fn submit(cfg: &SweepConfig, spec: &SubmitSpec) -> Result<Submitted> {
     )?;
     writeln!(
         summary,
-        "  (a rough estimate: {:.3}M parameters, {} tokens an example, 6 flops per parameter and token per training \
-         example, {:.0} GFLOP/s per core; the similarities of the report stage not included)",
+        "  (a rough estimate: {:.3}M parameters in matrix products, about {:.0} tokens an example, 6 flops per \
+         parameter and token per training example, {:.0} GFLOP/s per core; the similarities of the report stage \
+         not included)",
         plan.model_params / 1e6,
-        cfg.adapt.max_len,
+        plan.tokens,
         super::shard::FLOPS_PER_CORE / 1e9
     )?;
     writeln!(summary, "shard  bank modules (to run)  bank CPU-h  cells (to run)  cells CPU-h")?;
@@ -368,6 +377,7 @@ pub fn submit(cfg: &SweepConfig, spec: &SubmitSpec) -> Result<Submitted> {
     }
     let bank_shards = bank.shards(spec.resume);
     let cell_shards = cells.shards(spec.resume);
+    writeln!(summary, "every module and cell with its shard and cost: {}", dir.join("plan.tsv").display())?;
     let mut jobs = Vec::new();
     match spec.target {
         Target::Slurm => {

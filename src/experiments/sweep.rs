@@ -481,8 +481,10 @@ pub struct Plan {
     pub bank: Vec<BankItem>,
     pub cells: Vec<PlannedCell>,
     pub input_hashes: BTreeMap<String, String>,
-    /// Parameters of the model (from its weight file's size), for the cost estimate.
+    /// Parameters of the model that take part in matrix products, for the cost estimate.
     pub model_params: f64,
+    /// Estimated tokens an example (the mean over the downstream tasks), for the cost estimate.
+    pub tokens: f64,
 }
 
 /// The arithmetic results are computed in: `bf16` only where it is requested and the CPU does it.
@@ -636,9 +638,14 @@ impl Plan {
                 }
             }
         }
-        let weights = cfg.model.join("model.safetensors");
-        let model_params = std::fs::metadata(&weights).map(|m| m.len() as f64 / 4.0).unwrap_or(0.0);
-        Ok(Plan { bank, cells, input_hashes, model_params })
+        let model_params = super::shard::matmul_params(&cfg.model);
+        let tokens = cfg
+            .downstream
+            .iter()
+            .map(|t| super::shard::tokens_per_example(&cfg.data.join(t), cfg.adapt.max_len))
+            .sum::<f64>()
+            / cfg.downstream.len().max(1) as f64;
+        Ok(Plan { bank, cells, input_hashes, model_params, tokens })
     }
 
     /// The shard of each bank module (in plan order).
@@ -653,9 +660,9 @@ impl Plan {
         super::shard::assign(&items, count)
     }
 
-    /// Estimated CPU seconds of `cost` example passes with this model at `max_len` tokens.
-    pub fn cpu_seconds(&self, cost: f64, max_len: usize) -> f64 {
-        cost * super::shard::seconds_per_pass(self.model_params, max_len)
+    /// Estimated CPU seconds of `cost` example passes with this model.
+    pub fn cpu_seconds(&self, cost: f64) -> f64 {
+        cost * super::shard::seconds_per_pass(self.model_params, self.tokens)
     }
 }
 

@@ -140,6 +140,14 @@ fn shards_merge_to_the_single_process_results() {
     for i in [0, 2] {
         ok(sweep(&cfg, &out, &["--stage", "cells", "--shard", &format!("{i}/3")]));
     }
+    // a shard another process runs is refused (this test holds its lock), naming the lock file
+    let held = std::fs::File::open(out.join("shards/cells-0-of-3.lock")).unwrap();
+    held.lock().unwrap();
+    let o = sweep(&cfg, &out, &["--stage", "cells", "--shard", "0/3"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cells-0-of-3.lock") && err.contains("another process"), "{err}");
+    drop(held);
     // a rerun of a finished shard runs and duplicates nothing
     let before = std::fs::read_to_string(out.join("shards/cells-2-of-3.jsonl")).unwrap();
     ok(sweep(&cfg, &out, &["--stage", "cells", "--shard", "2/3"]));
@@ -209,6 +217,9 @@ fn submit_writes_chained_slurm_arrays_and_indexed_jobs() {
             .unwrap()
     };
     let o = ok(submit(&["--slurm", "--shards", "3", "--dry-run", "--sbatch-arg=--partition=cpu"]));
+    let table = std::fs::read_to_string(out.join("slurm/plan.tsv")).unwrap();
+    assert_eq!(table.lines().filter(|l| l.starts_with("cells\t")).count(), 50);
+    assert_eq!(table.lines().filter(|l| l.starts_with("bank\t")).count(), 3);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
         text.contains("50 cells") && text.contains("estimated CPU-hours") && text.contains("nothing submitted"),
