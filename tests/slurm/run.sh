@@ -99,6 +99,10 @@ for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
 [ -S "$sock" ] || { echo "munged did not start"; exit 1; }
 
 host="$(hostname -s)"
+# Two free ports (another cluster, or another run of this test, may hold the default 6817/6818).
+port_free() { ! (exec 3<> "/dev/tcp/127.0.0.1/$1") 2> /dev/null; }
+base=$((20000 + RANDOM % 20000))
+until port_free $base && port_free $((base + 1)); do base=$((base + 2)); done
 export SLURM_CONF="$state/slurm.conf"
 cat > "$SLURM_CONF" << EOF
 ClusterName=loracomp-test
@@ -106,8 +110,8 @@ ClusterName=loracomp-test
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
-SlurmctldPort=6817
-SlurmdPort=6818
+SlurmctldPort=$base
+SlurmdPort=$((base + 1))
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$sock
