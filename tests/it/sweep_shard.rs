@@ -306,3 +306,51 @@ fn submit_writes_chained_slurm_arrays_and_indexed_jobs() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--volume-root"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// A cells shard killed (SIGKILL) at arbitrary moments and run again ends with the cells of an uninterrupted
+/// run, none twice in its file (a torn last line is cut off by the shard itself, never by the report).
+#[test]
+fn killed_shard_resumes_without_duplicates() {
+    let (root, cfg) = setup("shard-kill");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text.replace("steps = 3", "steps = 200").replace(
+        "methods = [\"linear-probe\", \"full\", \"lora\", \"uniform\", \"learned\"]",
+        "methods = [\"lora\", \"learned\"]",
+    );
+    let text = &text[..text.find("[ablation]").unwrap()];
+    std::fs::write(&cfg, text).unwrap();
+    let single = root.join("single");
+    ok(sweep(&cfg, &single, &[]));
+    let want = results(&single.join("results.jsonl"));
+    let out = root.join("killed");
+    ok(sweep(&cfg, &out, &["--stage", "bank"]));
+    let file = out.join("shards/cells-0-of-2.jsonl");
+    let mut kills = 0;
+    for delay_ms in [300u64, 700, 1100, 1500, 1900] {
+        let mut child = common::bin()
+            .args(["--threads", "1", "sweep", "--quiet", "--config"])
+            .arg(&cfg)
+            .arg("--out")
+            .arg(&out)
+            .args(["--stage", "cells", "--shard", "0/2"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+        // the report may run at any time: it reads the shard file without cutting it
+        ok(sweep(&cfg, &out, &["--stage", "report"]));
+    }
+    assert!(kills > 0, "the shard finished before any kill; the test proves nothing");
+    for i in 0..2 {
+        ok(sweep(&cfg, &out, &["--stage", "cells", "--shard", &format!("{i}/2")]));
+    }
+    ok(sweep(&cfg, &out, &["--stage", "report"]));
+    results(&file); // fails on a cell twice
+    assert_eq!(results(&out.join("results.jsonl")), want, "resumed shards differ from one process");
+}
