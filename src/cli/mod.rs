@@ -22,6 +22,57 @@ pub struct Cli {
     pub cmd: Cmd,
 }
 
+/// `loracomp sweep submit`.
+#[derive(Subcommand, Debug)]
+pub enum SweepAction {
+    /// Submit a sweep as Slurm job arrays (bank array → cells array after it → one report job after that,
+    /// `sbatch --parsable`, `afterok`), or write it as Kubernetes Indexed Jobs (`--k8s`, never applied).
+    /// Scripts go to OUT/slurm/, manifests to OUT/k8s/; prints the cells, estimated CPU-hours and shard sizes.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["slurm", "k8s"])))]
+    Submit {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Submit to Slurm with sbatch.
+        #[arg(long)]
+        slurm: bool,
+        /// Write Kubernetes batch/v1 Jobs (completionMode: Indexed) to OUT/k8s/; kubectl is never called.
+        #[arg(long)]
+        k8s: bool,
+        /// Shards of the bank and cells stages (array tasks / completion indices).
+        #[arg(long, value_parser = positive)]
+        shards: usize,
+        /// An extra sbatch option for every job (repeatable), e.g. --sbatch-arg=--partition=cpu
+        /// --sbatch-arg=--cpus-per-task=4; written into the scripts as #SBATCH lines.
+        #[arg(long = "sbatch-arg", allow_hyphen_values = true)]
+        sbatch_arg: Vec<String>,
+        /// Write the scripts or manifests and print the plan, cost and shard sizes; submit nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The loracomp binary the jobs run (default: this binary's absolute path for Slurm, `loracomp` in the
+        /// image for Kubernetes).
+        #[arg(long)]
+        bin: Option<PathBuf>,
+        /// Submit only the shards with missing work (bank modules not trained, cells without a result).
+        #[arg(long)]
+        resume: bool,
+        /// Container image (Kubernetes).
+        #[arg(long, default_value = "loracomp:latest")]
+        image: String,
+        /// Mount this PersistentVolumeClaim as the shared volume (Kubernetes; default: a hostPath volume).
+        #[arg(long)]
+        pvc: Option<String>,
+        /// The shared volume's root, mounted at the same path in every pod; the output, the working directory,
+        /// the model and the data must be under it (Kubernetes; default: the current directory).
+        #[arg(long)]
+        volume_root: Option<PathBuf>,
+        /// Start over in an output directory that holds another config's results.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
 pub use crate::data::Shots;
 
 /// A count that must be at least 1 (ranks, batch sizes): 0 would otherwise be clamped or written silently.
@@ -385,11 +436,16 @@ pub enum Cmd {
         seed: u64,
     },
     /// Run (or resume) an experiment sweep from a TOML config: bank, few-shot cells, report, plots, manifest.
+    /// `--stage` and `--shard` run one part of it (job arrays); `sweep submit` submits the parts to Slurm or
+    /// writes Kubernetes Indexed Jobs (docs/scale-out.md).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Sweep {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
+        #[command(subcommand)]
+        action: Option<SweepAction>,
+        #[arg(long, required = true)]
+        config: Option<PathBuf>,
+        #[arg(long, required = true)]
+        out: Option<PathBuf>,
         /// Logs only, no progress bars.
         #[arg(long)]
         quiet: bool,
@@ -400,6 +456,20 @@ pub enum Cmd {
         /// it per machine: results of the same config can be concatenated). The report covers every cell done.
         #[arg(long, value_delimiter = ',')]
         tasks: Vec<String>,
+        /// Run only this stage: `bank` (train the bank modules), `cells` (the few-shot cells), `report` (merge
+        /// every shard's results into results.jsonl, report.md and the plots, and list the missing cells).
+        /// Default: all three.
+        #[arg(long, value_parser = ["bank", "cells", "report"])]
+        stage: Option<String>,
+        /// Run shard I of N (0-based) of the bank and cells stages: each module and cell belongs to exactly one
+        /// shard, balanced by estimated cost; a shard appends to OUT/shards/cells-I-of-N.jsonl under its own
+        /// lock. `env`: I from SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX, N from --shards, LORACOMP_SHARDS or
+        /// SLURM_ARRAY_TASK_COUNT.
+        #[arg(long)]
+        shard: Option<String>,
+        /// The number of shards, with `--shard env`.
+        #[arg(long, value_parser = positive)]
+        shards: Option<usize>,
     },
     /// The paper's three phases end to end on generated data (offline, a few minutes on 2 cores).
     Demo {
@@ -608,32 +678,50 @@ fn run_command(cli: Cli) -> Result<()> {
             }
             out.flush()?;
         }
-        Cmd::Sweep { config, out, quiet, force, tasks } => {
-            let cfg = crate::experiments::sweep::SweepConfig::load(&config)?;
+        Cmd::Sweep { action: Some(SweepAction::Submit { .. }), .. } => {
+            let Cmd::Sweep { action: Some(a), .. } = cli.cmd else { unreachable!() };
+            sweep_submit(a, cli.threads, &cli.compute)?;
+        }
+        Cmd::Sweep { action: None, config, out, quiet, force, tasks, stage, shard, shards } => {
+            let (Some(config), Some(out)) = (config, out) else { bail!("sweep: --config and --out are required") };
+            use crate::experiments::sweep;
+            let cfg = sweep::SweepConfig::load(&config)?;
             cfg.check_inputs().map_err(|e| anyhow!("{}: {e:#}", config.display()))?;
-            crate::experiments::sweep::check_tasks(&cfg, &tasks)?;
-            let text = std::fs::read_to_string(&config)?;
-            let _lock = crate::experiments::sweep::SweepLock::take(&out)?;
-            let saved = out.join("config.toml");
-            // Only results make a directory another config's: a config.toml without any is replaced.
-            let has_results = std::fs::metadata(out.join("results.jsonl")).is_ok_and(|m| m.len() > 0);
-            if saved.exists() && has_results {
-                let old = std::fs::read_to_string(&saved)?;
-                if old != text {
-                    if !force {
-                        bail!(
-                            "{}: holds results of a different config ({}); pass --force to start over",
-                            out.display(),
-                            saved.display()
-                        );
-                    }
-                    std::fs::remove_file(out.join("results.jsonl")).ok();
-                }
+            sweep::check_tasks(&cfg, &tasks)?;
+            let stage: Option<sweep::Stage> =
+                stage.map(|s| s.parse()).transpose().map_err(|e: String| anyhow!("--stage: {e}"))?;
+            let shard = match shard.as_deref() {
+                None if shards.is_some() => bail!("--shards: give it with --shard env"),
+                None => None,
+                Some("env") => Some(sweep::Shard::from_env(shards, |k| std::env::var(k).ok())?),
+                Some(s) if shards.is_some() => bail!("--shards goes with --shard env, not with --shard {s}"),
+                Some(s) => Some(sweep::Shard::parse(s)?),
+            };
+            let text = std::fs::read_to_string(&config).with_context(|| format!("cannot read {}", config.display()))?;
+            let single = stage.is_none() && shard.is_none();
+            let _lock = if single { Some(sweep::SweepLock::take(&out)?) } else { None };
+            if !single && force {
+                bail!(
+                    "--force: not with --stage or --shard (other shards may be writing); start over with a plain sweep"
+                );
             }
-            crate::util::write_atomic(&saved, text.as_bytes())?;
-            let opts = crate::experiments::sweep::SweepOpts { quiet, threads: rayon::current_num_threads(), tasks };
-            let res = crate::experiments::sweep::run(&cfg, &text, &out, &opts)?;
-            println!("{} cells; report: {}", res.cells.len(), out.join("report.md").display());
+            save_config(&out, &config, &text, force)?;
+            let opts = sweep::SweepOpts { quiet, threads: rayon::current_num_threads(), tasks, stage, shard };
+            let res = sweep::run(&cfg, &text, &out, &opts)?;
+            if res.reported {
+                if !res.missing.is_empty() {
+                    eprintln!("{} planned cells have no result yet (listed in report.md)", res.missing.len());
+                }
+                println!("{} cells; report: {}", res.cells.len(), out.join("report.md").display());
+            } else {
+                let what = shard.map(|s| format!("shard {s}")).unwrap_or_else(|| "this process".into());
+                println!(
+                    "{what}: {} cells run; {} planned cells without a result in {}",
+                    res.cells.len(),
+                    res.missing.len(),
+                    out.display()
+                );
+            }
         }
         Cmd::Pretrain {
             arch,
@@ -786,5 +874,86 @@ fn run_command(cli: Cli) -> Result<()> {
             })?;
         }
     }
+    Ok(())
+}
+
+/// Keep OUT/config.toml: the config the results in OUT belong to. Another config's results are refused unless
+/// `force` (which removes them); an unchanged file is not rewritten (shards on many nodes start at once).
+fn save_config(out: &std::path::Path, config: &std::path::Path, text: &str, force: bool) -> Result<()> {
+    let saved = out.join("config.toml");
+    // Only results make a directory another config's: a config.toml without any is replaced.
+    let has_results = crate::experiments::sweep::has_results(out);
+    if saved.exists() {
+        let old = std::fs::read_to_string(&saved).with_context(|| format!("cannot read {}", saved.display()))?;
+        if old == text {
+            return Ok(());
+        }
+        if has_results {
+            if !force {
+                bail!(
+                    "{}: holds results of a different config ({}, not {}); pass --force to start over",
+                    out.display(),
+                    saved.display(),
+                    config.display()
+                );
+            }
+            std::fs::remove_file(out.join("results.jsonl")).ok();
+            std::fs::remove_dir_all(out.join("shards")).ok();
+        }
+    }
+    crate::util::write_atomic(&saved, text.as_bytes())
+}
+
+/// `loracomp sweep submit`.
+fn sweep_submit(a: SweepAction, threads: Option<usize>, compute: &str) -> Result<()> {
+    use crate::experiments::submit;
+    let SweepAction::Submit {
+        config,
+        out,
+        slurm,
+        k8s: _,
+        shards,
+        sbatch_arg,
+        dry_run,
+        bin,
+        resume,
+        image,
+        pvc,
+        volume_root,
+        force,
+    } = a;
+    let cfg = crate::experiments::sweep::SweepConfig::load(&config)?;
+    cfg.check_inputs().map_err(|e| anyhow!("{}: {e:#}", config.display()))?;
+    let text = std::fs::read_to_string(&config).with_context(|| format!("cannot read {}", config.display()))?;
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let abs = |p: &std::path::Path| if p.is_absolute() { p.to_path_buf() } else { cwd.join(p) };
+    let out = abs(&out);
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    save_config(&out, &config, &text, force)?;
+    let target = if slurm { submit::Target::Slurm } else { submit::Target::K8s };
+    let bin = match bin {
+        Some(b) => abs(&b),
+        None if target == submit::Target::K8s => PathBuf::from("loracomp"),
+        None => std::env::current_exe().context("cannot find this binary's path; pass --bin")?,
+    };
+    let spec = submit::SubmitSpec {
+        target,
+        config: out.join("config.toml"),
+        out: out.clone(),
+        workdir: cwd.clone(),
+        shards,
+        bin,
+        sbatch_args: sbatch_arg,
+        dry_run,
+        resume,
+        threads,
+        compute: compute.to_string(),
+        image,
+        pvc,
+        volume_root: volume_root.map(|p| abs(&p)).unwrap_or(cwd),
+        sbatch: std::env::var("LORACOMP_SBATCH").unwrap_or_else(|_| "sbatch".into()),
+    };
+    let done = submit::submit(&cfg, &spec)?;
+    print!("{}", done.summary);
     Ok(())
 }

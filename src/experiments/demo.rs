@@ -191,7 +191,7 @@ shots = 16
     crate::util::write_atomic(&cfg_path, config.as_bytes())?;
     let cfg = super::sweep::SweepConfig::parse(&cfg_path, &config)?;
     cfg.check_inputs()?;
-    let opts = super::sweep::SweepOpts { quiet, threads: rayon::current_num_threads(), tasks: Vec::new() };
+    let opts = super::sweep::SweepOpts::new(quiet, rayon::current_num_threads());
     // A demo always starts afresh: results of an earlier demo in the same directory are replaced.
     std::fs::remove_file(out.join("results.jsonl")).ok();
     let res = super::sweep::run(&cfg, &config, out, &opts)?;

@@ -3,4 +3,6 @@
 pub mod bench;
 pub mod demo;
 pub mod report;
+pub mod shard;
+pub mod submit;
 pub mod sweep;

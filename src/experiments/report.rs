@@ -72,6 +72,24 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
         )
         .unwrap();
     }
+    if !out.missing.is_empty() {
+        writeln!(
+            md,
+            "**Missing:** {} planned cell{} (main grid and ablation) have no result yet{}; run the same sweep again, \
+             or resubmit the shards with missing work (`loracomp sweep submit --resume`).\n",
+            out.missing.len(),
+            if out.missing.len() == 1 { "" } else { "s" },
+            if out.missing.len() <= 20 {
+                format!(": {}", out.missing.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "))
+            } else {
+                format!(
+                    " (the first 20: {})",
+                    out.missing[..20].iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+                )
+            }
+        )
+        .unwrap();
+    }
     // average over tasks: per seed, the mean over the tasks (with results) that have that seed
     if with_results.len() == cfg.downstream.len() {
         writeln!(md, "## Average over downstream tasks\n").unwrap();

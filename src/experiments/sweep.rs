@@ -3,6 +3,7 @@
 //! report.md, plots and manifest.json. Each finished cell is appended to results.jsonl at once; a sweep
 //! stopped at any moment resumes where it stopped.
 
+pub use super::shard::{Shard, Stage};
 use crate::data::{Examples, Task};
 use crate::engine::kernels::Pooling;
 use crate::lora::peft::Adapter;
@@ -245,10 +246,26 @@ pub struct Cell {
     pub weights: BTreeMap<String, Vec<f32>>,
 }
 
-/// Read results.jsonl; a torn last line (a kill mid-write) is cut off, any other bad line is an error.
+/// Read results.jsonl; a torn last line (a kill mid-write) is cut off, any other bad line is an error. Only the
+/// process that appends to `path` (it holds its lock) may call this; others read with [`read_results_shared`].
 pub fn read_results(path: &Path) -> Result<Vec<Cell>> {
+    let (cells, good, len) = parse_results(path)?;
+    if good < len {
+        let f = std::fs::OpenOptions::new().write(true).open(path)?;
+        f.set_len(good as u64)?;
+    }
+    Ok(cells)
+}
+
+/// Read a results file another process may be appending to: a torn last line is skipped, the file left alone.
+pub fn read_results_shared(path: &Path) -> Result<Vec<Cell>> {
+    Ok(parse_results(path)?.0)
+}
+
+/// The complete lines of a results file, the length they cover, and the file's length.
+fn parse_results(path: &Path) -> Result<(Vec<Cell>, usize, usize)> {
     if !path.exists() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0, 0));
     }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut cells = Vec::new();
@@ -267,19 +284,19 @@ pub fn read_results(path: &Path) -> Result<Vec<Cell>> {
         }
         pos += line.len();
     }
-    if good < bytes.len() {
-        let f = std::fs::OpenOptions::new().write(true).open(path)?;
-        f.set_len(good as u64)?;
-    }
-    Ok(cells)
+    Ok((cells, good, bytes.len()))
 }
 
 fn append_result(path: &Path, c: &Cell) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
     let mut line = serde_json::to_vec(c)?;
     line.push(b'\n');
-    f.write_all(&line)?;
-    f.sync_data()?;
+    f.write_all(&line).with_context(|| format!("cannot write {}", path.display()))?;
+    f.sync_data().with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
@@ -309,6 +326,17 @@ pub struct SweepOpts {
     pub threads: usize,
     /// Downstream tasks whose cells to run (empty: all).
     pub tasks: Vec<String>,
+    /// Only this stage (`None`: all three).
+    pub stage: Option<Stage>,
+    /// This process's share of the bank and the cells (`None`: one process does everything, appending to
+    /// `results.jsonl` under `.sweep.lock`, as before sharding existed).
+    pub shard: Option<Shard>,
+}
+
+impl SweepOpts {
+    pub fn new(quiet: bool, threads: usize) -> Self {
+        SweepOpts { quiet, threads, tasks: Vec::new(), stage: None, shard: None }
+    }
 }
 
 /// The state the report and plots are drawn from.
@@ -319,6 +347,10 @@ pub struct SweepOutput {
     /// CKA gain with the downstream labels (see `similarity.rs`), per downstream task and upstream module.
     pub cka: BTreeMap<String, BTreeMap<String, f64>>,
     pub bank_names: Vec<String>,
+    /// Keys of the planned cells that have no result yet (in plan order).
+    pub missing: Vec<String>,
+    /// Whether the report was written (a shard's own stages write none).
+    pub reported: bool,
 }
 
 /// One sweep at a time per output directory: `DIR/.sweep.lock` holds the running sweep's process id, is created
@@ -378,6 +410,46 @@ impl Drop for SweepLock {
     }
 }
 
+/// A lock on one shard's file (`DIR/shards/…-I-of-N.lock`): an exclusive `flock` held while the shard runs,
+/// so two processes never append to one shard file. The kernel releases it when its holder dies, however it
+/// dies (a `scancel`, a node lost), so a rerun on any node takes it at once; the file itself stays (removing it
+/// would let a waiting process lock a deleted file).
+pub struct ShardLock(#[allow(dead_code)] std::fs::File);
+
+impl ShardLock {
+    pub fn take(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(path).unwrap_or_default();
+                bail!(
+                    "{}: another process ({}) is running this shard; wait for it to end",
+                    path.display(),
+                    holder.trim()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            }
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let mut g = &f;
+        g.set_len(0).ok();
+        write!(g, "process {} on {}", std::process::id(), host.trim()).ok();
+        Ok(ShardLock(f))
+    }
+}
+
 /// Every name in `tasks` (the `--tasks` filter) must be one of the config's downstream tasks.
 pub fn check_tasks(cfg: &SweepConfig, tasks: &[String]) -> Result<()> {
     let ablation_tasks = cfg.ablation.as_ref().map(|a| a.tasks.clone()).unwrap_or_default();
@@ -389,133 +461,496 @@ pub fn check_tasks(cfg: &SweepConfig, tasks: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Run (or resume) a sweep into `out`.
-pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> Result<SweepOutput> {
-    let t0 = std::time::Instant::now();
-    check_tasks(cfg, &opts.tasks)?;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let _lock = SweepLock::take(out)?;
-    let results_path = out.join("results.jsonl");
-    let mut cells = read_results(&results_path)?;
-    let done: HashSet<String> = cells.iter().map(|c| c.key.clone()).collect();
-    let log = |s: &str| {
-        if !opts.quiet {
-            eprintln!("{s}");
-        }
-    };
-    let model_files = LoadedModel::files(&cfg.model);
-    let model_hash = sha256_files(&model_files)?;
-    let mut input_hashes = BTreeMap::new();
-    input_hashes.insert("model".to_string(), model_hash.clone());
+/// One module of the bank in the plan.
+#[derive(Clone, Debug)]
+pub struct BankItem {
+    pub name: String,
+    pub dir: PathBuf,
+    pub cost: f64,
+}
 
-    // Phase 2: the bank, trained once per (model, task data, settings).
-    let settings_json = serde_json::to_string(&cfg.bank)?;
-    let mut bank_dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
-    let mut pb = Progress::new(cfg.upstream.len(), "bank", "module", opts.quiet);
-    for up in &cfg.upstream {
-        let tdir = cfg.data.join(up);
-        let th = sha256_files(&task_files(&tdir))?;
-        input_hashes.insert(format!("task:{up}"), th.clone());
-        let mut h = Sha256::new();
-        h.update(model_hash.as_bytes());
-        h.update(th.as_bytes());
-        h.update(settings_json.as_bytes());
-        let key = format!("{:x}", h.finalize());
-        let dir = out.join("bank").join(format!("{up}-{}", &key[..12]));
-        if !dir.join("metrics.json").exists() {
-            pb.set_message(format!("training {up}"));
-            let mut common = crate::app::Common::new(&cfg.model, &tdir);
-            common.seed = cfg.bank.seed;
-            common.batch = cfg.bank.batch;
-            common.max_len = cfg.adapt.max_len;
-            common.force = true;
-            let spec = crate::app::TrainSpec {
-                common,
-                out: dir.clone(),
-                rank: cfg.bank.rank,
-                alpha: cfg.bank.alpha,
-                targets: Some(cfg.bank.targets.clone()),
-                epochs: cfg.bank.epochs,
-                shots: None,
-            };
-            let m = crate::app::train(&spec)?;
-            pb.println(&format!("bank: {up}: valid accuracy {:.4}", m["valid_accuracy"].as_f64().unwrap_or(0.0)));
-        }
-        bank_dirs.insert(up.clone(), dir);
-        pb.inc(1);
+/// One planned cell: its key (grid position and the stamp of everything that changes its result), what it runs
+/// and its estimated cost.
+#[derive(Clone, Debug)]
+pub struct PlannedCell {
+    pub key: String,
+    pub task: String,
+    pub method: String,
+    pub shots: ShotSpec,
+    pub seed: u64,
+    pub modules: Vec<String>,
+    pub cost: f64,
+}
+
+/// Everything a sweep will do, derived from the config and its inputs alone (no timing, nothing of what is
+/// done): the same in every shard.
+pub struct Plan {
+    pub bank: Vec<BankItem>,
+    pub cells: Vec<PlannedCell>,
+    pub input_hashes: BTreeMap<String, String>,
+    /// Parameters of the model that take part in matrix products, for the cost estimate.
+    pub model_params: f64,
+    /// Estimated tokens an example (the mean over the downstream tasks), for the cost estimate.
+    pub tokens: f64,
+}
+
+/// The arithmetic results are computed in: `bf16` only where it is requested and the CPU does it.
+pub fn compute_mode() -> &'static str {
+    if crate::engine::gemm::bf16_active() {
+        "bf16"
+    } else {
+        "f32"
     }
-    pb.finish();
-    let bank_all: BTreeMap<String, Adapter> =
-        bank_dirs.iter().map(|(k, d)| Ok((k.clone(), Adapter::load(d)?))).collect::<Result<_>>()?;
+}
 
-    // Phase 3: cells.
-    let mut lm = LoadedModel::load(&cfg.model, cfg.adapt.max_len)?;
-    let default_pooling = if lm.is_image() { Pooling::Cls } else { Pooling::Mean };
-    let mut plan: Vec<(String, String, String, ShotSpec, u64, Vec<String>)> = Vec::new();
-    for task in &cfg.downstream {
-        let bank_for: Vec<String> =
-            cfg.upstream.iter().filter(|u| !(cfg.exclude_self && *u == task)).cloned().collect();
-        for &k in &cfg.shots {
-            for seed in 0..cfg.seeds as u64 {
-                for m in &cfg.methods {
-                    let key = format!("main|{task}|{m}|{k}|{seed}");
-                    plan.push((key, task.clone(), m.clone(), k, seed, bank_for.clone()));
+impl Plan {
+    /// The plan of `cfg` (inputs hashed; bank modules and cells in their fixed order).
+    pub fn new(cfg: &SweepConfig, out: &Path) -> Result<Plan> {
+        let model_hash = sha256_files(&LoadedModel::files(&cfg.model))?;
+        let mut input_hashes = BTreeMap::new();
+        input_hashes.insert("model".to_string(), model_hash.clone());
+        let version = env!("CARGO_PKG_VERSION");
+        let compute = compute_mode();
+        // The bank: trained once per (model, task data, settings, max_len, arithmetic, version).
+        let settings_json = serde_json::to_string(&cfg.bank)?;
+        let mut bank = Vec::new();
+        let mut bank_keys = BTreeMap::new();
+        for up in &cfg.upstream {
+            let tdir = cfg.data.join(up);
+            let th = sha256_files(&task_files(&tdir))?;
+            input_hashes.insert(format!("task:{up}"), th.clone());
+            let mut h = Sha256::new();
+            for part in [&model_hash, &th, &settings_json] {
+                h.update(part.as_bytes());
+            }
+            h.update(format!("max_len={}|compute={compute}|loracomp={version}", cfg.adapt.max_len).as_bytes());
+            let key = format!("{:x}", h.finalize());
+            let dir = out.join("bank").join(format!("{up}-{}", &key[..12]));
+            let cost = super::shard::bank_cost(
+                cfg.bank.epochs,
+                super::shard::split_len(&tdir, "train")?,
+                super::shard::split_len(&tdir, "valid")?,
+            );
+            bank_keys.insert(up.clone(), key);
+            bank.push(BankItem { name: up.clone(), dir, cost });
+        }
+        // Each downstream task's stamp: its data, the model, the bank modules it may use, the few-shot
+        // settings, the arithmetic and the version. A cell whose stamp differs is another experiment.
+        let adapt_json = serde_json::to_string(&cfg.adapt)?;
+        let mut stamps: HashMap<String, String> = HashMap::new();
+        let mut sizes: HashMap<String, (usize, usize, usize)> = HashMap::new();
+        let mut stamp_of = |task: &str| -> Result<(String, (usize, usize, usize))> {
+            if let Some(s) = stamps.get(task) {
+                return Ok((s.clone(), sizes[task]));
+            }
+            let tdir = cfg.data.join(task);
+            let th = sha256_files(&task_files(&tdir))?;
+            input_hashes.insert(format!("task:{task}"), th.clone());
+            let mut h = Sha256::new();
+            h.update(format!("loracomp={version}|compute={compute}|exclude_self={}|", cfg.exclude_self).as_bytes());
+            for part in [&model_hash, &th, &adapt_json] {
+                h.update(part.as_bytes());
+                h.update(b"|");
+            }
+            for (up, k) in &bank_keys {
+                if !(cfg.exclude_self && up == task) {
+                    h.update(format!("{up}={k}|").as_bytes());
+                }
+            }
+            let stamp = format!("{:x}", h.finalize())[..16].to_string();
+            let classes = Task::open(&tdir)?.labels.len();
+            let n = (classes, super::shard::split_len(&tdir, "train")?, super::shard::split_len(&tdir, "test")?);
+            stamps.insert(task.to_string(), stamp.clone());
+            sizes.insert(task.to_string(), n);
+            Ok((stamp, n))
+        };
+        let cost = |method: &str, modules: usize, k: ShotSpec, n: (usize, usize, usize)| {
+            let fewshot = k.0.map_or(n.1, |k| (k * n.0).min(n.1));
+            super::shard::cell_cost(method, modules, cfg.adapt.steps, cfg.adapt.batch, fewshot, n.2)
+        };
+        let bank_size = |m: &str, n: usize| if m.parse::<Method>().is_ok_and(|m| m.needs_bank()) { n } else { 0 };
+        let mut cells = Vec::new();
+        for task in &cfg.downstream {
+            let (stamp, n) = stamp_of(task)?;
+            let bank_for: Vec<String> =
+                cfg.upstream.iter().filter(|u| !(cfg.exclude_self && *u == task)).cloned().collect();
+            for &k in &cfg.shots {
+                for seed in 0..cfg.seeds as u64 {
+                    for m in &cfg.methods {
+                        cells.push(PlannedCell {
+                            key: format!("main|{task}|{m}|{k}|{seed}|{stamp}"),
+                            task: task.clone(),
+                            method: m.clone(),
+                            shots: k,
+                            seed,
+                            modules: bank_for.clone(),
+                            cost: cost(m, bank_size(m, bank_for.len()), k, n),
+                        });
+                    }
                 }
             }
         }
-    }
-    if let Some(ab) = &cfg.ablation {
-        let tasks = if ab.tasks.is_empty() { cfg.downstream.clone() } else { ab.tasks.clone() };
-        for task in &tasks {
-            let pool: Vec<String> =
-                cfg.upstream.iter().filter(|u| !(cfg.exclude_self && *u == task)).cloned().collect();
-            let mut sizes = if ab.sizes.is_empty() {
-                let mut s = vec![];
-                let mut n = 1;
-                while n < pool.len() {
-                    s.push(n);
-                    n *= 2;
-                }
-                s.push(pool.len());
-                s
-            } else {
-                ab.sizes.clone()
-            };
-            sizes.retain(|&s| s >= 1 && s <= pool.len());
-            for &size in &sizes {
-                for draw in 0..ab.draws as u64 {
-                    let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + draw * 7919 + size as u64);
-                    let mut sub = pool.clone();
-                    sub.shuffle(&mut rng);
-                    sub.truncate(size);
-                    sub.sort();
-                    for m in &ab.methods {
-                        let key = format!("ablation|{task}|{m}|{size}|{draw}");
-                        plan.push((key, task.clone(), m.clone(), ShotSpec(Some(ab.shots)), draw, sub.clone()));
-                        for by in ab.retrieval_by.iter().filter(|_| ab.retrieval) {
-                            // Arrow keeps its original key so that earlier results resume.
-                            let kind = if by == "arrow" { "retrieval".to_string() } else { format!("retrieval-{by}") };
-                            let key = format!("{kind}|{task}|{m}|{size}|{draw}");
-                            plan.push((key, task.clone(), m.clone(), ShotSpec(Some(ab.shots)), draw, pool.clone()));
+        if let Some(ab) = &cfg.ablation {
+            let tasks = if ab.tasks.is_empty() { cfg.downstream.clone() } else { ab.tasks.clone() };
+            let k = ShotSpec(Some(ab.shots));
+            for task in &tasks {
+                let (stamp, n) = stamp_of(task)?;
+                let pool: Vec<String> =
+                    cfg.upstream.iter().filter(|u| !(cfg.exclude_self && *u == task)).cloned().collect();
+                let mut sizes = if ab.sizes.is_empty() {
+                    let mut s = vec![];
+                    let mut n = 1;
+                    while n < pool.len() {
+                        s.push(n);
+                        n *= 2;
+                    }
+                    s.push(pool.len());
+                    s
+                } else {
+                    ab.sizes.clone()
+                };
+                sizes.retain(|&s| s >= 1 && s <= pool.len());
+                for &size in &sizes {
+                    for draw in 0..ab.draws as u64 {
+                        let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + draw * 7919 + size as u64);
+                        let mut sub = pool.clone();
+                        sub.shuffle(&mut rng);
+                        sub.truncate(size);
+                        sub.sort();
+                        for m in &ab.methods {
+                            cells.push(PlannedCell {
+                                key: format!("ablation|{task}|{m}|{size}|{draw}|{stamp}-k{}", ab.shots),
+                                task: task.clone(),
+                                method: m.clone(),
+                                shots: k,
+                                seed: draw,
+                                modules: sub.clone(),
+                                cost: cost(m, size, k, n),
+                            });
+                            for by in ab.retrieval_by.iter().filter(|_| ab.retrieval) {
+                                let kind =
+                                    if by == "arrow" { "retrieval".to_string() } else { format!("retrieval-{by}") };
+                                cells.push(PlannedCell {
+                                    key: format!("{kind}|{task}|{m}|{size}|{draw}|{stamp}-k{}", ab.shots),
+                                    task: task.clone(),
+                                    method: m.clone(),
+                                    shots: k,
+                                    seed: draw,
+                                    modules: pool.clone(),
+                                    cost: cost(m, size, k, n) + cost("linear-probe", pool.len(), k, n),
+                                });
+                            }
                         }
                     }
                 }
             }
         }
+        let model_params = super::shard::matmul_params(&cfg.model);
+        let tokens = cfg
+            .downstream
+            .iter()
+            .map(|t| super::shard::tokens_per_example(&cfg.data.join(t), cfg.adapt.max_len))
+            .sum::<f64>()
+            / cfg.downstream.len().max(1) as f64;
+        Ok(Plan { bank, cells, input_hashes, model_params, tokens })
     }
-    let todo: Vec<_> = plan
-        .into_iter()
-        .filter(|p| !done.contains(&p.0) && (opts.tasks.is_empty() || opts.tasks.contains(&p.1)))
-        .collect();
-    log(&format!("sweep '{}': {} cells to run ({} already done)", cfg.name, todo.len(), done.len()));
+
+    /// The shard of each bank module (in plan order).
+    pub fn bank_shards(&self, count: usize) -> Vec<usize> {
+        let items: Vec<(&str, f64)> = self.bank.iter().map(|b| (b.name.as_str(), b.cost)).collect();
+        super::shard::assign(&items, count)
+    }
+
+    /// The shard of each cell (in plan order).
+    pub fn cell_shards(&self, count: usize) -> Vec<usize> {
+        let items: Vec<(&str, f64)> = self.cells.iter().map(|c| (c.key.as_str(), c.cost)).collect();
+        super::shard::assign(&items, count)
+    }
+
+    /// Estimated CPU seconds of `cost` example passes with this model.
+    pub fn cpu_seconds(&self, cost: f64) -> f64 {
+        cost * super::shard::seconds_per_pass(self.model_params, self.tokens)
+    }
+}
+
+/// Where shard `shard` appends its cells.
+pub fn shard_file(out: &Path, shard: Shard) -> PathBuf {
+    out.join("shards").join(format!("cells-{}.jsonl", shard.tag()))
+}
+
+/// Every result written so far: `results.jsonl` first, then each shard file (by name); the first line of each
+/// key wins. Files other processes may be appending to are read without touching them.
+pub fn collect_results(out: &Path) -> Result<Vec<Cell>> {
+    let mut files = vec![out.join("results.jsonl")];
+    let sdir = out.join("shards");
+    if sdir.is_dir() {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&sdir)
+            .with_context(|| format!("cannot read {}", sdir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect();
+        names.sort();
+        files.extend(names);
+    }
+    let mut seen = HashSet::new();
+    let mut cells = Vec::new();
+    for f in files {
+        for c in read_results_shared(&f)? {
+            if seen.insert(c.key.clone()) {
+                cells.push(c);
+            }
+        }
+    }
+    Ok(cells)
+}
+
+/// Whether `out` holds any result (in results.jsonl or a shard file).
+pub fn has_results(out: &Path) -> bool {
+    let nonempty = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.len() > 0);
+    nonempty(&out.join("results.jsonl"))
+        || std::fs::read_dir(out.join("shards"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .any(|e| e.path().extension().is_some_and(|x| x == "jsonl") && nonempty(&e.path()))
+            })
+            .unwrap_or(false)
+}
+
+/// Run (or resume) a sweep into `out`: every stage in one process (`opts.shard` `None`), or one shard's part
+/// of the stages `opts.stage` names.
+pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> Result<SweepOutput> {
+    let t0 = std::time::Instant::now();
+    check_tasks(cfg, &opts.tasks)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let log = |s: &str| {
+        if !opts.quiet {
+            eprintln!("{s}");
+        }
+    };
+    let plan = Plan::new(cfg, out)?;
+    let stages: Vec<Stage> = opts.stage.map_or(Stage::ALL.to_vec(), |s| vec![s]);
+    // One process for the whole sweep: `.sweep.lock` for everything, cells appended to results.jsonl. Otherwise
+    // (a stage or a shard) each shard's part under its own lock, cells to its own file (`--stage` alone: 0/1).
+    let sharded = opts.shard.is_some() || opts.stage.is_some();
+    let shard = opts.shard.unwrap_or(Shard::ONE);
+    let _lock = if sharded { None } else { Some(SweepLock::take(out)?) };
+    let wanted = |task: &str| opts.tasks.is_empty() || opts.tasks.iter().any(|t| t == task);
+
+    if stages.contains(&Stage::Bank) {
+        let mine: Vec<&BankItem> = if sharded {
+            let s = plan.bank_shards(shard.count);
+            plan.bank.iter().zip(s).filter(|(_, s)| *s == shard.index).map(|(b, _)| b).collect()
+        } else {
+            plan.bank.iter().collect()
+        };
+        let lock = out.join("shards").join(format!("bank-{}.lock", shard.tag()));
+        let _shard_lock = if sharded { Some(ShardLock::take(&lock)?) } else { None };
+        let mut pb = Progress::new(mine.len(), "bank", "module", opts.quiet);
+        for b in mine {
+            if !b.dir.join("metrics.json").exists() {
+                pb.set_message(format!("training {}", b.name));
+                let mut common = crate::app::Common::new(&cfg.model, cfg.data.join(&b.name));
+                common.seed = cfg.bank.seed;
+                common.batch = cfg.bank.batch;
+                common.max_len = cfg.adapt.max_len;
+                common.force = true;
+                // Step lines of each module in a log; on a terminal the bank's own bar is enough.
+                common.quiet = opts.quiet || std::io::IsTerminal::is_terminal(&std::io::stderr());
+                let spec = crate::app::TrainSpec {
+                    common,
+                    out: b.dir.clone(),
+                    rank: cfg.bank.rank,
+                    alpha: cfg.bank.alpha,
+                    targets: Some(cfg.bank.targets.clone()),
+                    epochs: cfg.bank.epochs,
+                    shots: None,
+                };
+                let m = crate::app::train(&spec)?;
+                pb.println(&format!(
+                    "bank: {}: valid accuracy {:.4}",
+                    b.name,
+                    m["valid_accuracy"].as_f64().unwrap_or(0.0)
+                ));
+            }
+            pb.inc(1);
+        }
+        pb.finish();
+    }
+
+    let mut ran = Vec::new();
+    if stages.contains(&Stage::Cells) {
+        let (file, _shard_lock) = if sharded {
+            let lock = ShardLock::take(&out.join("shards").join(format!("cells-{}.lock", shard.tag())))?;
+            (shard_file(out, shard), Some(lock))
+        } else {
+            (out.join("results.jsonl"), None)
+        };
+        // This process's own file: a torn last line is cut off (it alone appends to it).
+        read_results(&file)?;
+        let done: HashSet<String> = collect_results(out)?.into_iter().map(|c| c.key).collect();
+        let owner = plan.cell_shards(shard.count);
+        let todo: Vec<&PlannedCell> = plan
+            .cells
+            .iter()
+            .zip(owner)
+            .filter(|(c, s)| *s == shard.index && !done.contains(&c.key) && wanted(&c.task))
+            .map(|(c, _)| c)
+            .collect();
+        let where_ = if sharded { format!(" (shard {shard})") } else { String::new() };
+        log(&format!(
+            "sweep '{}'{where_}: {} cells to run ({} done in this directory)",
+            cfg.name,
+            todo.len(),
+            done.len()
+        ));
+        if !todo.is_empty() {
+            ran = run_cells(cfg, &plan, &todo, &file, opts)?;
+        }
+    }
+
+    if !stages.contains(&Stage::Report) {
+        let missing = missing_keys(&plan, &collect_results(out)?);
+        return Ok(SweepOutput {
+            cells: ran,
+            similarity: BTreeMap::new(),
+            cka: BTreeMap::new(),
+            bank_names: cfg.upstream.clone(),
+            missing,
+            reported: false,
+        });
+    }
+    // The report merges every shard into results.jsonl: one writer at a time.
+    let _report_lock = match &_lock {
+        Some(_) => None,
+        None => match SweepLock::take(out) {
+            Ok(l) => Some(l),
+            Err(e) if opts.stage.is_none() => {
+                log(&format!("report skipped ({e:#}); run `--stage report` when every shard is done"));
+                let missing = missing_keys(&plan, &collect_results(out)?);
+                return Ok(SweepOutput {
+                    cells: ran,
+                    similarity: BTreeMap::new(),
+                    cka: BTreeMap::new(),
+                    bank_names: cfg.upstream.clone(),
+                    missing,
+                    reported: false,
+                });
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    let (cells, missing) = merge(out, &plan)?;
+    // The similarities need the whole bank; a report drawn before it is trained goes without them.
+    let (similarity, cka) = match load_bank(&plan) {
+        Ok(bank_all) => {
+            let mut lm = LoadedModel::load(&cfg.model, cfg.adapt.max_len)?;
+            similarities(cfg, &mut lm, &bank_all, opts.quiet)?
+        }
+        Err(e) if !plan.bank.is_empty() && opts.stage == Some(Stage::Report) => {
+            log(&format!("report without module similarities: {e:#}"));
+            (BTreeMap::new(), BTreeMap::new())
+        }
+        Err(e) => return Err(e),
+    };
+    let output = SweepOutput { cells, similarity, cka, bank_names: cfg.upstream.clone(), missing, reported: true };
+    super::report::write_all(cfg, &output, out)?;
+    let manifest = json!({
+        "name": cfg.name,
+        "config": cfg_text,
+        "input_sha256": plan.input_hashes,
+        "seeds": (0..cfg.seeds).collect::<Vec<_>>(),
+        "loracomp_version": env!("CARGO_PKG_VERSION"),
+        "compute": compute_mode(),
+        "git_commit": git_commit(),
+        "threads": opts.threads,
+        "cells": output.cells.len(),
+        "cells_missing": output.missing.len(),
+        "wall_seconds_this_run": t0.elapsed().as_secs_f64(),
+        "train_seconds_all_cells": output.cells.iter().map(|c| c.train_seconds).sum::<f64>(),
+    });
+    crate::util::write_atomic(&out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    Ok(output)
+}
+
+/// The planned cells without a result.
+fn missing_keys(plan: &Plan, have: &[Cell]) -> Vec<String> {
+    let have: HashSet<&str> = have.iter().map(|c| c.key.as_str()).collect();
+    plan.cells.iter().filter(|c| !have.contains(c.key.as_str())).map(|c| c.key.clone()).collect()
+}
+
+/// Merge results.jsonl and every shard file into results.jsonl (atomically; the plan's cells in plan order,
+/// each once). Cells of no planned key (another stamp: other inputs, settings, arithmetic or version) go to
+/// stale-results.jsonl instead, never into the report. Running it again changes nothing.
+fn merge(out: &Path, plan: &Plan) -> Result<(Vec<Cell>, Vec<String>)> {
+    read_results(&out.join("results.jsonl"))?;
+    let all = collect_results(out)?;
+    let planned: HashSet<&str> = plan.cells.iter().map(|c| c.key.as_str()).collect();
+    let (fresh, stale): (Vec<Cell>, Vec<Cell>) = all.into_iter().partition(|c| planned.contains(c.key.as_str()));
+    let mut by_key: HashMap<String, Cell> = fresh.into_iter().map(|c| (c.key.clone(), c)).collect();
+    let cells: Vec<Cell> = plan.cells.iter().filter_map(|p| by_key.remove(&p.key)).collect();
+    let mut text = Vec::new();
+    for c in &cells {
+        text.extend(serde_json::to_vec(c)?);
+        text.push(b'\n');
+    }
+    crate::util::write_atomic(&out.join("results.jsonl"), &text)?;
+    if !stale.is_empty() {
+        let path = out.join("stale-results.jsonl");
+        let mut kept = read_results(&path)?;
+        let seen: HashSet<String> = kept.iter().map(|c| c.key.clone()).collect();
+        kept.extend(stale.into_iter().filter(|c| !seen.contains(&c.key)));
+        let mut text = Vec::new();
+        for c in &kept {
+            text.extend(serde_json::to_vec(c)?);
+            text.push(b'\n');
+        }
+        crate::util::write_atomic(&path, &text)?;
+    }
+    let missing = missing_keys(plan, &cells);
+    Ok((cells, missing))
+}
+
+/// Every bank module of the plan, loaded; a module not trained yet is an error naming it.
+fn load_bank(plan: &Plan) -> Result<BTreeMap<String, Adapter>> {
+    plan.bank
+        .iter()
+        .map(|b| {
+            if !b.dir.join("metrics.json").exists() {
+                bail!(
+                    "bank module '{}' is not trained yet ({} has no metrics.json): run the bank stage \
+                     (`--stage bank`) for every shard first",
+                    b.name,
+                    b.dir.display()
+                );
+            }
+            Ok((b.name.clone(), Adapter::load(&b.dir)?))
+        })
+        .collect()
+}
+
+/// Run `todo`, appending each finished cell to `file` at once; returns the cells run.
+fn run_cells(
+    cfg: &SweepConfig,
+    plan: &Plan,
+    todo: &[&PlannedCell],
+    file: &Path,
+    opts: &SweepOpts,
+) -> Result<Vec<Cell>> {
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let bank_all = load_bank(plan)?;
+    let lm = LoadedModel::load(&cfg.model, cfg.adapt.max_len)?;
+    let default_pooling = if lm.is_image() { Pooling::Cls } else { Pooling::Mean };
     let mut tasks: HashMap<String, (Task, Examples, Vec<Encoded>)> = HashMap::new();
-    let (pb_total, mut ran) = (todo.len(), 0usize);
-    let mut pb = Progress::new(pb_total, "cells", "cell", opts.quiet);
-    for (key, task_name, method, k, seed, bank_names) in todo {
+    let mut ran = Vec::new();
+    let total = todo.len();
+    let mut pb = Progress::new(total, "cells", "cell", opts.quiet);
+    for p in todo {
+        let (task_name, method, k, seed) = (&p.task, &p.method, p.shots, p.seed);
         pb.set_message(format!("{task_name} {method} {k}-shot seed {seed}"));
-        if !tasks.contains_key(&task_name) {
-            let t = Task::open(&cfg.data.join(&task_name))?;
-            input_hashes.insert(format!("task:{task_name}"), sha256_files(&task_files(&t.dir))?);
+        if !tasks.contains_key(task_name) {
+            let t = Task::open(&cfg.data.join(task_name))?;
             let test = t.examples("test")?;
             let test = match cfg.adapt.eval_limit {
                 Some(n) => test.spread(n),
@@ -524,32 +959,32 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
             let (tr, te) = (t.examples("train")?, encode_examples(&lm.frontend, &test)?);
             tasks.insert(task_name.clone(), (t, tr, te));
         }
-        let (task, train, test) = &tasks[&task_name];
+        let (task, train, test) = &tasks[task_name];
         let m: Method = method.parse().map_err(|e: String| anyhow!(e))?;
         let fs = encode_examples(&lm.frontend, &train.sample_k_shot(task.labels.len(), k.0, seed).0)?;
         let bank: Vec<Adapter> =
-            if m.needs_bank() { bank_names.iter().map(|b| bank_all[b].clone()).collect() } else { Vec::new() };
+            if m.needs_bank() { p.modules.iter().map(|b| bank_all[b].clone()).collect() } else { Vec::new() };
         let mut o = AdaptOpts::defaults(m, seed);
         o.pooling = default_pooling;
         o.loop_opts.steps = cfg.adapt.steps;
         o.loop_opts.batch = cfg.adapt.batch;
         o.rank = cfg.adapt.lora_rank;
         o.alpha = cfg.adapt.lora_alpha;
-        if let Some(lr) = cfg.adapt.lr.get(&method) {
+        if let Some(lr) = cfg.adapt.lr.get(method) {
             o.lr_body = *lr;
         }
         if let Some(lr) = cfg.adapt.lr_head {
             o.lr_head = lr;
         }
-        let kind = key.split('|').next().unwrap().to_string();
+        let kind = p.key.split('|').next().unwrap_or_default().to_string();
         if let Some(by) = kind.strip_prefix("retrieval") {
-            o.select = key.split('|').nth(3).and_then(|s| s.parse().ok());
+            o.select = p.key.split('|').nth(3).and_then(|s| s.parse().ok());
             o.select_by = by.trim_start_matches('-').parse().unwrap_or(crate::methods::Retrieval::Arrow);
         }
         let r = adapt_encoded(lm.base(&task.labels)?, lm.pad_id(), task.labels.len(), &fs, test, &bank, &o)?;
-        let used: Vec<String> = r.used_modules.iter().map(|&i| bank_names[i].clone()).collect();
+        let used: Vec<String> = r.used_modules.iter().map(|&i| p.modules[i].clone()).collect();
         let cell = Cell {
-            key,
+            key: p.key.clone(),
             kind,
             task: task_name.clone(),
             method: method.clone(),
@@ -563,10 +998,10 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
             train_seconds: r.train_seconds,
             weights: if m == Method::Learned { r.weights.into_iter().collect() } else { BTreeMap::new() },
         };
-        append_result(&results_path, &cell)?;
+        append_result(file, &cell)?;
         pb.println(&format!(
-            "cell {}/{pb_total}: {} {} {}-shot seed {}: accuracy {:.4} ({:.1}s)",
-            ran + 1,
+            "cell {}/{total}: {} {} {}-shot seed {}: accuracy {:.4} ({:.1}s)",
+            ran.len() + 1,
             cell.task,
             cell.method,
             cell.shots,
@@ -574,14 +1009,26 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
             cell.accuracy,
             cell.train_seconds
         ));
-        cells.push(cell);
-        ran += 1;
+        ran.push(cell);
         pb.inc(1);
     }
     pb.finish();
+    Ok(ran)
+}
 
-    // Similarity of each upstream task to each downstream task: cosine of their mean base-model embeddings.
+type Similarities = (BTreeMap<String, BTreeMap<String, f64>>, BTreeMap<String, BTreeMap<String, f64>>);
+
+/// Similarity of each upstream task to each downstream task: the cosine of their mean base-model embeddings
+/// and the CKA gain of each module alone with the downstream labels (encoder models with a `learned` method).
+fn similarities(
+    cfg: &SweepConfig,
+    lm: &mut LoadedModel,
+    bank_all: &BTreeMap<String, Adapter>,
+    quiet: bool,
+) -> Result<Similarities> {
+    let default_pooling = if lm.is_image() { Pooling::Cls } else { Pooling::Mean };
     let mut similarity = BTreeMap::new();
+    // Similarity of each upstream task to each downstream task: cosine of their mean base-model embeddings.
     let centroid = |lm: &mut LoadedModel, dir: &Path| -> Result<Vec<f32>> {
         let t = Task::open(dir)?;
         let ex = t.examples("train")?.take(128);
@@ -602,20 +1049,17 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
     // (Encoder features only: a generative model has none, and its sweeps report no similarity.)
     let features = !lm.kind.is_generative();
     if features && cfg.methods.iter().any(|m| m == "learned") && !cfg.upstream.is_empty() {
-        let ups: Vec<(String, Vec<f32>)> = cfg
-            .upstream
-            .iter()
-            .map(|u| Ok((u.clone(), centroid(&mut lm, &cfg.data.join(u))?)))
-            .collect::<Result<_>>()?;
+        let ups: Vec<(String, Vec<f32>)> =
+            cfg.upstream.iter().map(|u| Ok((u.clone(), centroid(lm, &cfg.data.join(u))?))).collect::<Result<_>>()?;
         for d in &cfg.downstream {
-            let c = centroid(&mut lm, &cfg.data.join(d))?;
+            let c = centroid(lm, &cfg.data.join(d))?;
             similarity.insert(d.clone(), ups.iter().map(|(u, cu)| (u.clone(), cos(cu, &c))).collect());
         }
     }
     // CKA gain of each module alone with each downstream task's labels (up to 32 training examples a class).
     let mut cka = BTreeMap::new();
     if features && cfg.methods.iter().any(|m| m == "learned") && !cfg.upstream.is_empty() {
-        let mut pb = Progress::new(cfg.downstream.len(), "similarity (CKA)", "task", opts.quiet);
+        let mut pb = Progress::new(cfg.downstream.len(), "similarity (CKA)", "task", quiet);
         for d in &cfg.downstream {
             let t = Task::open(&cfg.data.join(d))?;
             let classes = t.labels.len();
@@ -635,22 +1079,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
         }
         pb.finish();
     }
-    let output = SweepOutput { cells, similarity, cka, bank_names: cfg.upstream.clone() };
-    super::report::write_all(cfg, &output, out)?;
-    let manifest = json!({
-        "name": cfg.name,
-        "config": cfg_text,
-        "input_sha256": input_hashes,
-        "seeds": (0..cfg.seeds).collect::<Vec<_>>(),
-        "loracomp_version": env!("CARGO_PKG_VERSION"),
-        "git_commit": git_commit(),
-        "threads": opts.threads,
-        "cells": output.cells.len(),
-        "wall_seconds_this_run": t0.elapsed().as_secs_f64(),
-        "train_seconds_all_cells": output.cells.iter().map(|c| c.train_seconds).sum::<f64>(),
-    });
-    crate::util::write_atomic(&out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
-    Ok(output)
+    Ok((similarity, cka))
 }
 
 fn git_commit() -> Value {

@@ -14,6 +14,7 @@ mod model_gradcheck;
 mod parity;
 mod peft_roundtrip;
 mod sweep_resume;
+mod sweep_shard;
 mod t5;
 mod vision;
 mod vit;
