@@ -306,30 +306,37 @@ fn llama_runs_every_command_and_method() {
     pipeline("tiny-llama");
 }
 
+/// Adapters written by real PEFT are bank members: LoraHub's keying for T5 (q, v of every attention) and
+/// Llama's q_proj, v_proj, down_proj.
 #[test]
-fn a_real_peft_llama_adapter_is_a_bank_member() {
-    let d = tmpdir("gen-peft");
-    let m = model_dir(&d, "tiny-llama");
-    let down = task_dir(&d, "down", 0, true);
-    let peft = fixture("tiny-llama/adapter");
-    let out = d.join("uniform");
-    let metrics = run(&[
-        "adapt",
-        "--model",
-        m.to_str().unwrap(),
-        "--task",
-        down.to_str().unwrap(),
-        "--shots",
-        "2",
-        "--method",
-        "uniform",
-        "--out",
-        out.to_str().unwrap(),
-        "--bank",
-        peft.to_str().unwrap(),
-    ]);
-    // q_proj, v_proj and down_proj of both layers carry the module
-    assert_eq!(metrics["module_weights"].as_object().unwrap().len(), 6, "{metrics}");
+fn real_peft_adapters_are_bank_members() {
+    for (name, adapter, layers) in
+        [("tiny-llama", "tiny-llama/adapter", 6), ("tiny-t5-gated", "tiny-t5-gated/adapter_qv", 0)]
+    {
+        let d = tmpdir("gen-peft");
+        let m = model_dir(&d, name);
+        let down = task_dir(&d, "down", 0, true);
+        let peft = fixture(adapter);
+        let out = d.join("uniform");
+        let metrics = run(&[
+            "adapt",
+            "--model",
+            m.to_str().unwrap(),
+            "--task",
+            down.to_str().unwrap(),
+            "--shots",
+            "2",
+            "--method",
+            "uniform",
+            "--out",
+            out.to_str().unwrap(),
+            "--bank",
+            peft.to_str().unwrap(),
+        ]);
+        let adapted = metrics["module_weights"].as_object().unwrap().len();
+        let expected = if layers > 0 { layers } else { Adapter::load(&peft).unwrap().modules.len() };
+        assert_eq!(adapted, expected, "{name}: {metrics}");
+    }
 }
 
 #[test]
@@ -442,5 +449,59 @@ fn learned_composition_gradients_through_rank_classification_pass_finite_differe
             worst.is_finite() && checked >= 2 * kinks && checked >= 8,
             "{name}: {checked} checked, {kinks} at kinks"
         );
+    }
+}
+
+/// An adapter trained by `loracomp train` on T5 / Llama, loaded by Python PEFT, gives the answer scores loracomp
+/// computes (golden from tools/make_rank_goldens.py), and the adapter changes them.
+#[test]
+fn trained_generative_adapters_give_peft_answer_scores() {
+    for name in ["tiny-t5", "tiny-llama"] {
+        let d = tmpdir(&format!("gen-golden-{name}"));
+        let m = d.join(name);
+        copy_dir(&fixture(name), &m);
+        let rank = fixture("rank").join(name);
+        std::fs::copy(rank.join("tokenizer.json"), m.join("tokenizer.json")).unwrap();
+        let g: Value = serde_json::from_str(&std::fs::read_to_string(rank.join("golden.json")).unwrap()).unwrap();
+        let labels: Vec<String> = serde_json::from_value(g["labels"].clone()).unwrap();
+        let prompts: Vec<String> = serde_json::from_value(g["prompts"].clone()).unwrap();
+        let lm = LoadedModel::load(&m, 64).unwrap();
+        let ex = loracomp::data::Examples::Text(
+            prompts.iter().map(|t| loracomp::data::Example { text: t.clone(), pair: None, label: 0 }).collect(),
+        );
+        let enc = encode_examples(&lm.frontend, &ex).unwrap();
+        let ids: Vec<Vec<u32>> = enc
+            .iter()
+            .map(|e| match &e.item {
+                loracomp::methods::common::Item::Tokens { ids, .. } => ids.clone(),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(json!(ids), g["prompt_ids"], "{name}: token ids differ from the tokenizers library's");
+        let mut base = loracomp::methods::task_net(
+            lm.base(&labels).unwrap(),
+            lm.pad_id(),
+            3,
+            loracomp::engine::kernels::Pooling::Mean,
+            0,
+        )
+        .unwrap();
+        let mut adapted = base.clone();
+        let adapter = Adapter::load(&rank.join("adapter")).unwrap();
+        loracomp::methods::bank::apply_adapter(adapted.as_dyn(), &adapter, 3).unwrap();
+        let items: Vec<_> = enc.iter().collect();
+        let got = adapted.as_dyn().class_scores(&items).unwrap();
+        let bare = base.as_dyn().class_scores(&items).unwrap();
+        let want: Vec<f64> = g["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().clone())
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let diff = got.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+        assert!(diff <= 1e-4, "{name}: max |loracomp - PEFT| answer score difference {diff}");
+        let moved = bare.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+        assert!(moved > 1e-2, "{name}: the adapter should change the scores ({moved})");
     }
 }
