@@ -445,17 +445,9 @@ pub fn run(cli: Cli) -> Result<()> {
     // The command runs on one of the pool's own workers (`rayon::scope` called from outside the pool runs its
     // body on a worker): each parallel loop is then shared with the other workers directly, instead of the main
     // thread handing every loop to the pool and sleeping until it ends, two thread wake-ups per loop and a few
-    // hundred loops per training step (measured: ref4 learned N = 8 bf16 61 → 55 ms). Workers get the main
-    // thread's usual 8 MiB of stack, as the whole command now runs on one.
-    let built =
-        rayon::ThreadPoolBuilder::new().num_threads(cli.threads.unwrap_or(0)).stack_size(8 << 20).build_global();
-    if let Err(e) = built {
-        // A second `run` in one process (a library caller) finds the pool built: fine unless it asks for
-        // another thread count.
-        if cli.threads.is_some_and(|t| t != rayon::current_num_threads()) {
-            bail!("--threads: {e}");
-        }
-    }
+    // hundred loops per training step (measured: ref4 learned N = 8 bf16 61 → 55 ms). `init_pool` gives workers
+    // the main thread's usual 8 MiB of stack, as the whole command now runs on one.
+    crate::util::init_pool(cli.threads)?;
     rayon::scope(move |_| run_command(cli))
 }
 
@@ -583,30 +575,7 @@ fn run_command(cli: Cli) -> Result<()> {
             out.flush()?;
         }
         Cmd::Sweep { config, out, quiet, force, tasks } => {
-            let cfg = crate::experiments::sweep::SweepConfig::load(&config)?;
-            cfg.check_inputs().map_err(|e| anyhow!("{}: {e:#}", config.display()))?;
-            crate::experiments::sweep::check_tasks(&cfg, &tasks)?;
-            let text = std::fs::read_to_string(&config)?;
-            let _lock = crate::experiments::sweep::SweepLock::take(&out)?;
-            let saved = out.join("config.toml");
-            // Only results make a directory another config's: a config.toml without any is replaced.
-            let has_results = std::fs::metadata(out.join("results.jsonl")).is_ok_and(|m| m.len() > 0);
-            if saved.exists() && has_results {
-                let old = std::fs::read_to_string(&saved)?;
-                if old != text {
-                    if !force {
-                        bail!(
-                            "{}: holds results of a different config ({}); pass --force to start over",
-                            out.display(),
-                            saved.display()
-                        );
-                    }
-                    std::fs::remove_file(out.join("results.jsonl")).ok();
-                }
-            }
-            crate::util::write_atomic(&saved, text.as_bytes())?;
-            let opts = crate::experiments::sweep::SweepOpts { quiet, threads: rayon::current_num_threads(), tasks };
-            let res = crate::experiments::sweep::run(&cfg, &text, &out, &opts)?;
+            let res = crate::experiments::sweep::run_config(&config, &out, quiet, force, tasks)?;
             println!("{} cells; report: {}", res.cells.len(), out.join("report.md").display());
         }
         Cmd::Pretrain {

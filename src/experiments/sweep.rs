@@ -382,6 +382,36 @@ pub fn check_tasks(cfg: &SweepConfig, tasks: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `loracomp sweep`: load and check the config at `config`, take `out` (refusing one that holds another
+/// config's results unless `force`), save the config there and run (or resume) the sweep. The CLI and the Python
+/// package call this.
+pub fn run_config(config: &Path, out: &Path, quiet: bool, force: bool, tasks: Vec<String>) -> Result<SweepOutput> {
+    let cfg = SweepConfig::load(config)?;
+    cfg.check_inputs().map_err(|e| anyhow!("{}: {e:#}", config.display()))?;
+    check_tasks(&cfg, &tasks)?;
+    let text = std::fs::read_to_string(config).with_context(|| format!("cannot read {}", config.display()))?;
+    let _lock = SweepLock::take(out)?;
+    let saved = out.join("config.toml");
+    // Only results make a directory another config's: a config.toml without any is replaced.
+    let has_results = std::fs::metadata(out.join("results.jsonl")).is_ok_and(|m| m.len() > 0);
+    if saved.exists() && has_results {
+        let old = std::fs::read_to_string(&saved).with_context(|| format!("cannot read {}", saved.display()))?;
+        if old != text {
+            if !force {
+                bail!(
+                    "{}: holds results of a different config ({}); pass --force to start over",
+                    out.display(),
+                    saved.display()
+                );
+            }
+            std::fs::remove_file(out.join("results.jsonl")).ok();
+        }
+    }
+    crate::util::write_atomic(&saved, text.as_bytes())?;
+    let opts = SweepOpts { quiet, threads: rayon::current_num_threads(), tasks };
+    run(&cfg, &text, out, &opts)
+}
+
 /// Run (or resume) a sweep into `out`.
 pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> Result<SweepOutput> {
     let t0 = std::time::Instant::now();
