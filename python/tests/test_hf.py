@@ -14,7 +14,7 @@ pytest.importorskip("peft", reason="loracomp.hf needs peft (pip install 'loracom
 
 import loracomp  # noqa: E402
 from loracomp import hf  # noqa: E402
-from conftest import LABELS, model_dir, task_dir, texts_of  # noqa: E402
+from conftest import LABELS, MINILM, model_dir, task_dir, texts_of  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -118,3 +118,19 @@ def test_generative_adapter_scores_label_strings_as_loracomp(tmp_path, name):
     preds = loracomp.predict(model=m, adapter=out, texts=texts)
     assert [LABELS[i] for i in s.argmax(-1).tolist()] == [p["label"] for p in preds]
     np.testing.assert_allclose(torch.softmax(s.double(), -1).numpy(), probabilities(preds), atol=1e-5)
+
+
+@pytest.mark.skipif(not (MINILM / "model.safetensors").is_file(), reason="bash tools/fetch_minilm.sh fetches it")
+def test_minilm_adapter_with_its_wordpiece_tokenizer_matches_predict(tmp_path):
+    """The real model and tokenizer (WordPiece, lower-casing, its own fixed padding and truncation that loracomp
+    turns off), with a text longer than max_len."""
+    task = task_dir(tmp_path, "t", 0)
+    out = tmp_path / "run"
+    loracomp.adapt(model=MINILM, task=task, shots=2, method="lora", out=out, steps=3, seed=0, rank=2, max_len=32)
+    clf = hf.load_classifier(MINILM, out / "adapter", max_len=32)
+    texts = texts_of(task)[:4] + ["Grass, MOSS & leaves!", " ".join(["the sky is very blue"] * 20), "Ünïcödé fire"]
+    preds = loracomp.predict(model=MINILM, adapter=out / "adapter", texts=texts, max_len=32)
+    with torch.no_grad():
+        logits = clf(texts)
+    assert clf.predict(texts) == [p["label"] for p in preds]
+    np.testing.assert_allclose(torch.softmax(logits.double(), -1).numpy(), probabilities(preds), atol=1e-5)
