@@ -1,4 +1,4 @@
-//! Small shared helpers: atomic file writes.
+//! Small shared helpers: atomic file writes, the worker pool.
 
 use anyhow::{anyhow, Result};
 use std::io::Write;
@@ -29,4 +29,17 @@ pub fn normal(rng: &mut impl rand::Rng) -> f32 {
     let u1: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
     let u2: f64 = rng.gen();
     ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+/// Build rayon's global pool the way every loracomp entry point runs (`threads`: `None` = all cores; workers get
+/// the main thread's usual 8 MiB of stack, as whole commands run on one). A second call in one process (a library
+/// caller, the Python package) finds the pool built: fine unless it asks for another thread count.
+pub fn init_pool(threads: Option<usize>) -> Result<()> {
+    let built = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).stack_size(8 << 20).build_global();
+    if let Err(e) = built {
+        if let Some(t) = threads.filter(|&t| t != rayon::current_num_threads()) {
+            anyhow::bail!("--threads {t}: the worker pool already runs {} threads ({e})", rayon::current_num_threads());
+        }
+    }
+    Ok(())
 }

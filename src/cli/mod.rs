@@ -541,17 +541,9 @@ pub fn run(cli: Cli) -> Result<()> {
     // The command runs on one of the pool's own workers (`rayon::scope` called from outside the pool runs its
     // body on a worker): each parallel loop is then shared with the other workers directly, instead of the main
     // thread handing every loop to the pool and sleeping until it ends, two thread wake-ups per loop and a few
-    // hundred loops per training step (measured: ref4 learned N = 8 bf16 61 → 55 ms). Workers get the main
-    // thread's usual 8 MiB of stack, as the whole command now runs on one.
-    let built =
-        rayon::ThreadPoolBuilder::new().num_threads(cli.threads.unwrap_or(0)).stack_size(8 << 20).build_global();
-    if let Err(e) = built {
-        // A second `run` in one process (a library caller) finds the pool built: fine unless it asks for
-        // another thread count.
-        if cli.threads.is_some_and(|t| t != rayon::current_num_threads()) {
-            bail!("--threads: {e}");
-        }
-    }
+    // hundred loops per training step (measured: ref4 learned N = 8 bf16 61 → 55 ms). `init_pool` gives workers
+    // the main thread's usual 8 MiB of stack, as the whole command now runs on one.
+    crate::util::init_pool(cli.threads)?;
     rayon::scope(move |_| run_command(cli))
 }
 
@@ -685,9 +677,6 @@ fn run_command(cli: Cli) -> Result<()> {
         Cmd::Sweep { action: None, config, out, quiet, force, tasks, stage, shard, shards } => {
             let (Some(config), Some(out)) = (config, out) else { bail!("sweep: --config and --out are required") };
             use crate::experiments::sweep;
-            let cfg = sweep::SweepConfig::load(&config)?;
-            cfg.check_inputs().map_err(|e| anyhow!("{}: {e:#}", config.display()))?;
-            sweep::check_tasks(&cfg, &tasks)?;
             let stage: Option<sweep::Stage> =
                 stage.map(|s| s.parse()).transpose().map_err(|e: String| anyhow!("--stage: {e}"))?;
             let shard = match shard.as_deref() {
@@ -697,17 +686,8 @@ fn run_command(cli: Cli) -> Result<()> {
                 Some(s) if shards.is_some() => bail!("--shards goes with --shard env, not with --shard {s}"),
                 Some(s) => Some(sweep::Shard::parse(s)?),
             };
-            let text = std::fs::read_to_string(&config).with_context(|| format!("cannot read {}", config.display()))?;
-            let single = stage.is_none() && shard.is_none();
-            let _lock = if single { Some(sweep::SweepLock::take(&out)?) } else { None };
-            if !single && force {
-                bail!(
-                    "--force: not with --stage or --shard (other shards may be writing); start over with a plain sweep"
-                );
-            }
-            save_config(&out, &config, &text, force)?;
             let opts = sweep::SweepOpts { quiet, threads: rayon::current_num_threads(), tasks, stage, shard };
-            let res = sweep::run(&cfg, &text, &out, &opts)?;
+            let res = sweep::run_config(&config, &out, &opts, force)?;
             if res.reported {
                 if !res.missing.is_empty() {
                     eprintln!("{} planned cells have no result yet (listed in report.md)", res.missing.len());
@@ -877,33 +857,6 @@ fn run_command(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// Keep OUT/config.toml: the config the results in OUT belong to. Another config's results are refused unless
-/// `force` (which removes them); an unchanged file is not rewritten (shards on many nodes start at once).
-fn save_config(out: &std::path::Path, config: &std::path::Path, text: &str, force: bool) -> Result<()> {
-    let saved = out.join("config.toml");
-    // Only results make a directory another config's: a config.toml without any is replaced.
-    let has_results = crate::experiments::sweep::has_results(out);
-    if saved.exists() {
-        let old = std::fs::read_to_string(&saved).with_context(|| format!("cannot read {}", saved.display()))?;
-        if old == text {
-            return Ok(());
-        }
-        if has_results {
-            if !force {
-                bail!(
-                    "{}: holds results of a different config ({}, not {}); pass --force to start over",
-                    out.display(),
-                    saved.display(),
-                    config.display()
-                );
-            }
-            std::fs::remove_file(out.join("results.jsonl")).ok();
-            std::fs::remove_dir_all(out.join("shards")).ok();
-        }
-    }
-    crate::util::write_atomic(&saved, text.as_bytes())
-}
-
 /// `loracomp sweep submit`.
 fn sweep_submit(a: SweepAction, threads: Option<usize>, compute: &str) -> Result<()> {
     use crate::experiments::submit;
@@ -929,7 +882,7 @@ fn sweep_submit(a: SweepAction, threads: Option<usize>, compute: &str) -> Result
     let abs = |p: &std::path::Path| if p.is_absolute() { p.to_path_buf() } else { cwd.join(p) };
     let out = abs(&out);
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    save_config(&out, &config, &text, force)?;
+    crate::experiments::sweep::save_config(&out, &config, &text, force)?;
     let target = if slurm { submit::Target::Slurm } else { submit::Target::K8s };
     let bin = match bin {
         Some(b) => abs(&b),

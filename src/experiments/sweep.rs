@@ -716,6 +716,51 @@ pub fn has_results(out: &Path) -> bool {
             .unwrap_or(false)
 }
 
+/// `loracomp sweep`: load and check the config at `config`, take `out` (refusing one that holds another
+/// config's results unless `force`), save the config there and run (or resume) the sweep, its stage or its
+/// shard. The CLI and the Python package call this.
+pub fn run_config(config: &Path, out: &Path, opts: &SweepOpts, force: bool) -> Result<SweepOutput> {
+    let cfg = SweepConfig::load(config)?;
+    cfg.check_inputs().map_err(|e| anyhow!("{}: {e:#}", config.display()))?;
+    check_tasks(&cfg, &opts.tasks)?;
+    let text = std::fs::read_to_string(config).with_context(|| format!("cannot read {}", config.display()))?;
+    let single = opts.stage.is_none() && opts.shard.is_none();
+    let _lock = if single { Some(SweepLock::take(out)?) } else { None };
+    if !single && force {
+        bail!("--force: not with --stage or --shard (other shards may be writing); start over with a plain sweep");
+    }
+    save_config(out, config, &text, force)?;
+    run(&cfg, &text, out, opts)
+}
+
+/// Save the config text in `out/config.toml`; a directory holding another config's results is refused unless
+/// `force` (then its results are removed).
+pub fn save_config(out: &Path, config: &Path, text: &str, force: bool) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let saved = out.join("config.toml");
+    // Only results make a directory another config's: a config.toml without any is replaced.
+    let has_results = has_results(out);
+    if saved.exists() {
+        let old = std::fs::read_to_string(&saved).with_context(|| format!("cannot read {}", saved.display()))?;
+        if old == text {
+            return Ok(());
+        }
+        if has_results {
+            if !force {
+                bail!(
+                    "{}: holds results of a different config ({}, not {}); pass --force to start over",
+                    out.display(),
+                    saved.display(),
+                    config.display()
+                );
+            }
+            std::fs::remove_file(out.join("results.jsonl")).ok();
+            std::fs::remove_dir_all(out.join("shards")).ok();
+        }
+    }
+    crate::util::write_atomic(&saved, text.as_bytes())
+}
+
 /// Run (or resume) a sweep into `out`: every stage in one process (`opts.shard` `None`), or one shard's part
 /// of the stages `opts.stage` names.
 pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> Result<SweepOutput> {
