@@ -1,4 +1,4 @@
-//! Small shared helpers: atomic file writes.
+//! Small shared helpers: atomic file writes, finite criteria.
 
 use anyhow::{anyhow, Result};
 use std::io::Write;
@@ -29,4 +29,30 @@ pub fn normal(rng: &mut impl rand::Rng) -> f32 {
     let u1: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
     let u2: f64 = rng.gen();
     ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+/// Refuse a NaN or infinite value among `values`: the error says `"{source}: the criterion of {item} {i} is
+/// {v}"`, so a comparison that follows (`total_cmp`) never ranks a NaN and no `partial_cmp(..).unwrap()` panics.
+pub fn ensure_finite(values: impl IntoIterator<Item = f64>, source: &str, item: &str) -> Result<()> {
+    for (i, v) in values.into_iter().enumerate() {
+        if !v.is_finite() {
+            return Err(anyhow!("{source}: the criterion of {item} {i} is {v}"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_criteria_are_an_error_naming_the_source_not_a_panic() {
+        assert!(ensure_finite([3.0, 1.0, 1.0, 2.0], "bench timings", "iteration").is_ok());
+        let e = ensure_finite([3.0, 1.0, 2.0, f64::NAN], "SVD of ΔW", "singular value").unwrap_err();
+        assert_eq!(e.to_string(), "SVD of ΔW: the criterion of singular value 3 is NaN");
+        let e = ensure_finite([f64::NEG_INFINITY], "bench timings", "iteration").unwrap_err();
+        assert_eq!(e.to_string(), "bench timings: the criterion of iteration 0 is -inf");
+        assert!(ensure_finite([], "bench timings", "iteration").is_ok());
+    }
 }
