@@ -704,7 +704,9 @@ pub fn eval(
     let (lm, mut net) = model_with_adapter(model_dir, &adapter, &task.labels, max_len)?;
     check_kind(&lm.frontend, task.image.is_some()).map_err(|e| anyhow!("{}: {e}", task.dir.display()))?;
     let e = encode_examples(&lm.frontend, &task.examples(split)?)?;
-    let pred = predict_all(net.as_dyn(), &e, 64)?;
+    // Scores holding NaN/Inf are an error (class_scores), never an accuracy computed on them.
+    let pred = predict_all(net.as_dyn(), &e, 64)
+        .map_err(|err| anyhow!("{} with {} on {split}: {err}", model_dir.display(), adapter_dir.display()))?;
     let s = score(&e.iter().map(|x| x.label).collect::<Vec<_>>(), &pred, task.labels.len());
     Ok(json!({"task": task.name, "split": split, "adapter": adapter_dir.display().to_string(),
               "accuracy": s.accuracy, "macro_f1": s.macro_f1, "n": s.n}))

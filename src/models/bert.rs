@@ -373,6 +373,14 @@ impl Bert {
         Ok(&self.ws.hs[nl])
     }
 
+    /// Where the most recent forward pass first held NaN or Inf: `"embeddings output"` or `"layer N output"`.
+    pub fn non_finite_stage(&self) -> Option<String> {
+        let nl = self.layers.len();
+        let l =
+            (0..=nl.min(self.ws.hs.len().saturating_sub(1))).find(|&l| self.ws.hs[l].iter().any(|v| !v.is_finite()))?;
+        Some(if l == 0 { "embeddings output".to_string() } else { format!("layer {} output", l - 1) })
+    }
+
     /// The input of layer `l` (its attention projections' input) in the most recent forward pass.
     pub fn layer_input(&self, l: usize) -> &[f32] {
         &self.ws.hs[l]

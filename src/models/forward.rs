@@ -125,6 +125,21 @@ pub fn attach_all(
     Ok(())
 }
 
+/// Refuse an output that holds NaN or Inf: finite weights (or adapters) that overflow f32 give one, and printing
+/// it, or a metric or embedding computed from it, would be a result computed on NaN. `stage` names where it first
+/// appeared when the model can tell (`layer 3 output`).
+pub fn check_finite_output(data: &[f32], model_dir: &Path, what: &str, stage: Option<String>) -> Result<()> {
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        let at = stage.map(|s| format!(", first in the {s}")).unwrap_or_default();
+        bail!(
+            "{}: the model's {what} holds NaN/Inf ({} at index {i}{at}); do the weights overflow f32?",
+            model_dir.display(),
+            data[i]
+        );
+    }
+    Ok(())
+}
+
 /// Run the forward pass the model directory's architecture defines.
 pub fn run(model_dir: &Path, adapters: &[std::path::PathBuf], input: &Path, allow_mismatch: bool) -> Result<TensorOut> {
     let inp = ForwardInput::load(input)?;
@@ -179,8 +194,9 @@ fn bert_forward(
     };
     let batch = Batch { batch: b, seq: s, ids: ids.iter().map(|&x| x as u32).collect(), types, mask };
     let d = bert.hidden();
-    let h = bert.forward(&batch)?;
-    Ok(TensorOut { shape: vec![b, s, d], data: h.to_vec() })
+    let h = bert.forward(&batch)?.to_vec();
+    check_finite_output(&h, model_dir, "last hidden state", bert.non_finite_stage())?;
+    Ok(TensorOut { shape: vec![b, s, d], data: h })
 }
 
 /// Llama: logits `[batch, seq, vocab]` (positions `0..seq` in every row, as transformers without position_ids).
@@ -212,8 +228,9 @@ fn llama_forward(
         vec![1.0; b * s]
     };
     let batch = LmBatch { batch: b, seq: s, ids: ids.iter().map(|&x| x as u32).collect(), mask };
-    let logits = model.forward(&batch)?;
-    Ok(TensorOut { shape: vec![b, s, vocab as usize], data: logits.to_vec() })
+    let logits = model.forward(&batch)?.to_vec();
+    check_finite_output(&logits, model_dir, "logits", None)?;
+    Ok(TensorOut { shape: vec![b, s, vocab as usize], data: logits })
 }
 
 /// T5: logits `[batch, dec_seq, vocab]` from `input_ids`, `attention_mask` (optional), `decoder_input_ids` and
@@ -261,8 +278,9 @@ fn t5_forward(model_dir: &Path, adapters: &[std::path::PathBuf], inp: &ForwardIn
         decoder_attention_mask,
     };
     let v = model.vocab();
-    let logits = model.forward(&batch)?;
-    Ok(TensorOut { shape: vec![b, t, v], data: logits.to_vec() })
+    let logits = model.forward(&batch)?.to_vec();
+    check_finite_output(&logits, model_dir, "logits", None)?;
+    Ok(TensorOut { shape: vec![b, t, v], data: logits })
 }
 
 /// ViT / DINOv2: last hidden state `[batch, 1 + patches, hidden]` from `pixel_values`.
@@ -278,6 +296,7 @@ fn vit_forward(
     let px = pixel_values(inp)?;
     vit.check_pixels(&px).map_err(|e| anyhow!("{}: {e}", inp.path.display()))?;
     let h = vit.forward(&px)?.to_vec();
+    check_finite_output(&h, model_dir, "last hidden state", None)?;
     let (b, s) = vit.shape();
     Ok(TensorOut { shape: vec![b, s, vit.hidden()], data: h })
 }

@@ -427,3 +427,69 @@ fn a_sweep_with_missing_inputs_writes_nothing() {
         fails(&["sweep", "--config", p.to_str().unwrap(), "--out", out.to_str().unwrap()], &n, &out);
     }
 }
+
+/// A PEFT adapter with a two-class head, for `eval`.
+fn adapter_with_head(dir: &Path, base: Option<String>) {
+    let (r, din, dout) = (2, 384, 384);
+    let mut modules = BTreeMap::new();
+    let a = (0..r * din).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.01).collect();
+    let b = (0..dout * r).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.01).collect();
+    modules.insert("encoder.layer.0.attention.self.query".to_string(), ExportModule { a, b, r, din, dout, alpha: 4.0 });
+    let cfg = AdapterConfig::new(r, 4.0, vec!["query".into()], base);
+    let w: Vec<f32> = (0..2 * din).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
+    let meta = json!({"labels": ["neg", "pos"], "pooling": "mean"});
+    write_adapter(dir, cfg, &modules, Some((&[2, din], &w, &[0.0, 0.0])), &meta).unwrap();
+}
+
+/// A copy of MiniLM whose layer-2 MLP weights are scaled so that its products overflow f32 (every weight stays
+/// finite, so loading accepts them).
+fn overflowing_minilm(dir: &Path) {
+    common::copy_dir(&common::minilm_dir(), dir);
+    let p = dir.join("model.safetensors");
+    let mut tf = loracomp::engine::weights::TensorFile::open(&p).unwrap();
+    for key in ["encoder.layer.2.intermediate.dense.weight", "encoder.layer.2.output.dense.weight"] {
+        tf.tensors.get_mut(key).unwrap().1.iter_mut().for_each(|v| *v *= 1e30);
+    }
+    loracomp::engine::weights::write_safetensors(&p, &tf.tensors, None).unwrap();
+}
+
+#[test]
+fn eval_and_embed_refuse_nan_outputs_and_eval_checks_the_base() {
+    let e = Env::new("badcli-eval");
+    let t = e.d.join("task");
+    let ad = e.d.join("ad");
+    adapter_with_head(&ad, None);
+    let eval = |model: &Path, adapter: &Path, extra: &[&str]| {
+        let mut c = common::bin();
+        c.args(["eval", "--model", model.to_str().unwrap(), "--task", t.to_str().unwrap()]);
+        c.args(["--adapter", adapter.to_str().unwrap()]).args(extra);
+        c.output().unwrap()
+    };
+    let o = eval(&e.m, &ad, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // logits computed on NaN: an error, not an accuracy
+    let bad = e.d.join("overflow");
+    overflowing_minilm(&bad);
+    let o = eval(&bad, &ad, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(o.stdout.is_empty(), "no metrics");
+    assert!(err.contains(bad.to_str().unwrap()) && err.contains("on test: the logit of class"), "{err}");
+    assert!(err.contains("(the encoder's output overflowed)"), "{err}");
+    // embed: the embedding of an overflowing model, named by the layer where it first happened
+    let o = common::bin().args(["embed", "--model", bad.to_str().unwrap(), "--text", "hello"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(o.stdout.is_empty());
+    assert!(err.contains("overflow: the model's output holds NaN/Inf, first in the layer 2 output"), "{err}");
+    // an adapter made for another base model, as adapt refuses it
+    let other = e.d.join("other");
+    adapter_with_head(&other, Some("bert-base-uncased".into()));
+    let o = eval(&e.m, &other, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("field 'base_model_name_or_path' is 'bert-base-uncased'"), "{err}");
+    assert!(err.contains("--allow-base-mismatch"), "{err}");
+    let o = eval(&e.m, &other, &["--allow-base-mismatch"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
