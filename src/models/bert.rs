@@ -145,7 +145,14 @@ impl Bert {
             bail!("{}: missing (loracomp reads weights from model.safetensors)", wpath.display());
         }
         let mut tf = TensorFile::open(&wpath)?;
-        Self::from_tensors(cfg, &mut tf)
+        let bert = Self::from_tensors(cfg, &mut tf)?;
+        // Everything under embeddings./encoder. (with or without `bert.`) must have been used; the pooler and the
+        // pre-training / task heads are not part of the encoder.
+        tf.refuse_unused(&dir.join("config.json"), |k| {
+            let k = k.strip_prefix("bert.").unwrap_or(k);
+            (k.starts_with("embeddings.") || k.starts_with("encoder.")) && k != "embeddings.position_ids"
+        })?;
+        Ok(bert)
     }
 
     /// Build from a config and a tensor file whose keys are `BertModel`'s, optionally prefixed by `bert.`.

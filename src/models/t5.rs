@@ -306,7 +306,12 @@ impl T5 {
             bail!("{}: missing (loracomp reads weights from model.safetensors)", wpath.display());
         }
         let mut tf = TensorFile::open(&wpath)?;
-        Self::from_tensors(cfg, &mut tf)
+        let model = Self::from_tensors(cfg, &mut tf)?;
+        // Every encoder/decoder tensor must have been used; the stacks' `embed_tokens` are copies of `shared`.
+        tf.refuse_unused(&dir.join("config.json"), |k| {
+            (k.starts_with("encoder.") || k.starts_with("decoder.")) && !k.ends_with(".embed_tokens.weight")
+        })?;
+        Ok(model)
     }
 
     /// Build from a config and a tensor file with `T5ForConditionalGeneration`'s keys.

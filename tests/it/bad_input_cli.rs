@@ -428,6 +428,42 @@ fn a_sweep_with_missing_inputs_writes_nothing() {
     }
 }
 
+/// PEFT applies an adapter's tensors only to the modules `target_modules` matches, and each module once: a
+/// tensor for another module, or one module under two keys (with and without `bert.`), is refused.
+#[test]
+fn adapters_that_peft_would_apply_differently_are_refused() {
+    let e = Env::new("badcli-peftsem");
+    // a tensor for 'query' while target_modules lists only 'value'
+    let untargeted = e.d.join("untargeted");
+    adapter(&untargeted, 384, |c| c.target_modules = Some(loracomp::lora::peft::Targets::List(vec!["value".into()])));
+    e.adapt_fails(
+        &untargeted,
+        &["untargeted", "module 'bert.encoder.layer.0.attention.self.query'", "'target_modules' does not match"],
+    );
+    // a regex target_modules is a full match (PEFT's re.fullmatch)
+    let regex = e.d.join("regex");
+    adapter(&regex, 384, |c| c.target_modules = Some(loracomp::lora::peft::Targets::Regex("query".into())));
+    e.adapt_fails(&regex, &["regex", "'target_modules' does not match"]);
+    let full = e.d.join("regex-full");
+    adapter(&full, 384, |c| c.target_modules = Some(loracomp::lora::peft::Targets::Regex(r".*\.query".into())));
+    let out = e.d.join("out-regex-full");
+    let o = common::bin().args(e.adapt_args(&full, &out)).output().unwrap();
+    assert!(o.status.success(), "a full-match regex targets the module: {}", String::from_utf8_lossy(&o.stderr));
+    // excluded by exclude_modules
+    let excluded = e.d.join("excluded");
+    adapter(&excluded, 384, |c| _ = c.extra.insert("exclude_modules".into(), json!(["query"])));
+    e.adapt_fails(&excluded, &["excluded", "'exclude_modules' excludes"]);
+    // one module twice: with and without the `bert.` prefix
+    let twice = e.d.join("twice");
+    adapter(&twice, 384, |_| {});
+    let st = twice.join("adapter_model.safetensors");
+    let mut tf = loracomp::engine::weights::TensorFile::open(&st).unwrap();
+    let copies: Vec<_> = tf.tensors.iter().map(|(k, v)| (k.replace("model.bert.", "model."), v.clone())).collect();
+    tf.tensors.extend(copies);
+    loracomp::engine::weights::write_safetensors(&st, &tf.tensors, None).unwrap();
+    e.adapt_fails(&twice, &["twice", "module 'encoder.layer.0.attention.self.query' is given twice"]);
+}
+
 /// A PEFT adapter with a two-class head, for `eval`.
 fn adapter_with_head(dir: &Path, base: Option<String>) {
     let (r, din, dout) = (2, 384, 384);
@@ -492,4 +528,18 @@ fn eval_and_embed_refuse_nan_outputs_and_eval_checks_the_base() {
     assert!(err.contains("--allow-base-mismatch"), "{err}");
     let o = eval(&e.m, &other, &["--allow-base-mismatch"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn text_pair_on_only_some_lines_is_refused() {
+    let e = Env::new("badcli-pair");
+    let good = e.d.join("good");
+    adapter(&good, 384, |_| {});
+    let t = e.d.join("task");
+    std::fs::write(
+        t.join("train.jsonl"),
+        "{\"text\": \"a\", \"text_pair\": \"b\", \"label\": \"pos\"}\n{\"text\": \"c\", \"label\": \"neg\"}\n",
+    )
+    .unwrap();
+    e.adapt_fails(&good, &["train.jsonl:2", "field 'text_pair' is absent, but line 1 has one"]);
 }

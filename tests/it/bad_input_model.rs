@@ -90,3 +90,21 @@ fn missing_tokenizer_is_named() {
     let e = embed_err(&d);
     assert!(e.contains("tokenizer.json") && e.contains("invalid tokenizer"), "{e}");
 }
+
+/// config.json giving fewer layers than the weights hold used to run a shallower network without a word.
+#[test]
+fn weights_the_config_does_not_use_are_named() {
+    let d = with_config("fewer-layers", |v| v["num_hidden_layers"] = 1.into());
+    let e = embed_err(&d);
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("does not use")
+            && e.contains("'encoder.layer.1.")
+            && e.contains("config.json"),
+        "{e}"
+    );
+    // the pooler is not part of the encoder: a checkpoint with it still loads (fails later, on the tokenizer)
+    let d = with_config("pooler-ok", |_| {});
+    let e = embed_err(&d);
+    assert!(e.contains("tokenizer.json") && !e.contains("does not use"), "{e}");
+}
