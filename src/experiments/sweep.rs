@@ -216,8 +216,94 @@ impl SweepConfig {
         for by in self.ablation.iter().flat_map(|a| &a.retrieval_by) {
             by.parse::<crate::methods::Retrieval>().map_err(|e| anyhow!("field 'ablation.retrieval_by': {e}"))?;
         }
+        // Task names are directories under `data` and name the bank's directories under the output: a plain
+        // relative path, never one that leaves them.
+        let ablation_tasks = self.ablation.iter().flat_map(|a| a.tasks.iter().map(|t| ("ablation.tasks", t)));
+        let heatmap = self.heatmap.iter().map(|h| ("heatmap.task", &h.task));
+        let named =
+            self.upstream.iter().map(|t| ("upstream", t)).chain(self.downstream.iter().map(|t| ("downstream", t)));
+        for (field, t) in named.chain(ablation_tasks).chain(heatmap) {
+            use std::path::Component;
+            let p = Path::new(t);
+            if t.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
+                bail!(
+                    "field '{field}': '{t}' must be a task directory's name relative to 'data' (no absolute path, \
+                     no '..'), as the bank is written under the output directory by that name"
+                );
+            }
+        }
+        // A value given twice would run (and average) the same cells twice, or train one bank module twice.
+        fn no_duplicates<T: PartialEq + std::fmt::Display>(field: &str, v: &[T]) -> Result<()> {
+            for (i, x) in v.iter().enumerate() {
+                if v[..i].contains(x) {
+                    bail!("field '{field}': '{x}' is listed twice");
+                }
+            }
+            Ok(())
+        }
+        no_duplicates("shots", &self.shots)?;
+        no_duplicates("methods", &self.methods)?;
+        no_duplicates("upstream", &self.upstream)?;
+        no_duplicates("downstream", &self.downstream)?;
+        if let Some(a) = &self.ablation {
+            no_duplicates("ablation.methods", &a.methods)?;
+            no_duplicates("ablation.sizes", &a.sizes)?;
+            no_duplicates("ablation.tasks", &a.tasks)?;
+            no_duplicates("ablation.retrieval_by", &a.retrieval_by)?;
+        }
+        // The plan holds one entry per cell: refuse counts whose plan could not even be held in memory.
+        let cells = self.planned_cells();
+        let draws = self.ablation.as_ref().map_or(0, |a| a.draws);
+        if cells.is_none_or(|n| n > MAX_CELLS) || self.seeds > MAX_CELLS || draws > MAX_CELLS {
+            bail!(
+                "fields 'seeds' / 'ablation.draws' ({} / {}) make {} cells, about {} bytes of plan alone \
+                 (~{PLAN_BYTES_PER_CELL} bytes a cell); at most {MAX_CELLS} cells",
+                self.seeds,
+                draws,
+                cells.map_or("more than 2^64".to_string(), |n| n.to_string()),
+                cells.map_or("more than 2^64".to_string(), |n| n.saturating_mul(PLAN_BYTES_PER_CELL).to_string())
+            );
+        }
         Ok(())
     }
+
+    /// Number of cells the config plans (main grid and ablation), `None` on overflow.
+    pub fn planned_cells(&self) -> Option<usize> {
+        let main = self
+            .downstream
+            .len()
+            .checked_mul(self.shots.len())?
+            .checked_mul(self.seeds)?
+            .checked_mul(self.methods.len())?;
+        let ablation = match &self.ablation {
+            None => 0,
+            Some(a) => {
+                let tasks = if a.tasks.is_empty() { self.downstream.len() } else { a.tasks.len() };
+                let sizes = if a.sizes.is_empty() { 64 } else { a.sizes.len() };
+                let per = 1 + if a.retrieval { a.retrieval_by.len() } else { 0 };
+                tasks.checked_mul(sizes)?.checked_mul(a.draws)?.checked_mul(a.methods.len())?.checked_mul(per)?
+            }
+        };
+        main.checked_add(ablation)
+    }
+}
+
+/// Most cells a sweep config may plan (the largest committed suite has a few thousand).
+pub const MAX_CELLS: usize = 10_000_000;
+/// Rough size of one planned cell (key, names, module list) for the error message.
+const PLAN_BYTES_PER_CELL: usize = 256;
+
+/// The arithmetic the sweep's cells are computed in (`--compute`, where the CPU has it): `"f32"` or `"bf16"`.
+pub fn compute_mode() -> &'static str {
+    if crate::engine::gemm::bf16_active() {
+        "bf16"
+    } else {
+        "f32"
+    }
+}
+
+fn f32_mode() -> String {
+    "f32".into()
 }
 
 /// One finished cell (a line of results.jsonl).
@@ -237,6 +323,9 @@ pub struct Cell {
     pub train_seconds: f64,
     #[serde(default)]
     pub weights: BTreeMap<String, Vec<f32>>,
+    /// The arithmetic the cell was computed in ([`compute_mode`]); lines written before it was recorded are f32.
+    #[serde(default = "f32_mode")]
+    pub compute: String,
 }
 
 /// Read results.jsonl; a torn last line (a kill mid-write) is cut off, any other bad line is an error.
@@ -295,6 +384,18 @@ fn task_files(dir: &Path) -> Vec<PathBuf> {
         &["labels.txt", "train.jsonl", "valid.jsonl", "test.jsonl"]
     };
     names.iter().map(|f| dir.join(f)).collect()
+}
+
+/// The hash a bank module's directory is named by: the model's and the task's file hashes and every setting the
+/// trained module depends on — the bank settings, the token length it is trained with (`adapt.max_len`) and the
+/// arithmetic (`compute`).
+pub fn bank_key(model_hash: &str, task_hash: &str, cfg: &SweepConfig, compute: &str) -> Result<String> {
+    let settings = serde_json::to_string(&json!({"bank": cfg.bank, "max_len": cfg.adapt.max_len, "compute": compute}))?;
+    let mut h = Sha256::new();
+    h.update(model_hash.as_bytes());
+    h.update(task_hash.as_bytes());
+    h.update(settings.as_bytes());
+    Ok(format!("{:x}", h.finalize()))
 }
 
 /// Sweep progress and options.
@@ -391,6 +492,17 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
     let _lock = SweepLock::take(out)?;
     let results_path = out.join("results.jsonl");
     let mut cells = read_results(&results_path)?;
+    // f32 and bf16 results differ in the last bits and in speed: one directory holds cells of one mode only.
+    let compute = compute_mode();
+    if let Some(c) = cells.iter().find(|c| c.compute != compute) {
+        bail!(
+            "{}: holds cells computed in {} (cell '{}'), but this run computes in {compute} (--compute); resume with \
+             the same --compute, or use another --out",
+            results_path.display(),
+            c.compute,
+            c.key
+        );
+    }
     let done: HashSet<String> = cells.iter().map(|c| c.key.clone()).collect();
     let log = |s: &str| {
         if !opts.quiet {
@@ -403,18 +515,13 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
     input_hashes.insert("model".to_string(), model_hash.clone());
 
     // Phase 2: the bank, trained once per (model, task data, settings).
-    let settings_json = serde_json::to_string(&cfg.bank)?;
     let mut bank_dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut pb = Progress::new(cfg.upstream.len(), "bank", "module", opts.quiet);
     for up in &cfg.upstream {
         let tdir = cfg.data.join(up);
         let th = sha256_files(&task_files(&tdir))?;
         input_hashes.insert(format!("task:{up}"), th.clone());
-        let mut h = Sha256::new();
-        h.update(model_hash.as_bytes());
-        h.update(th.as_bytes());
-        h.update(settings_json.as_bytes());
-        let key = format!("{:x}", h.finalize());
+        let key = bank_key(&model_hash, &th, cfg, compute)?;
         let dir = out.join("bank").join(format!("{up}-{}", &key[..12]));
         if !dir.join("metrics.json").exists() {
             pb.set_message(format!("training {up}"));
@@ -551,6 +658,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
             trainable_params: r.trainable_params,
             train_seconds: r.train_seconds,
             weights: if m == Method::Learned { r.weights.into_iter().collect() } else { BTreeMap::new() },
+            compute: compute.to_string(),
         };
         append_result(&results_path, &cell)?;
         pb.println(&format!(
@@ -634,6 +742,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
         "loracomp_version": env!("CARGO_PKG_VERSION"),
         "git_commit": git_commit(),
         "threads": opts.threads,
+        "compute": compute,
         "cells": output.cells.len(),
         "wall_seconds_this_run": t0.elapsed().as_secs_f64(),
         "train_seconds_all_cells": output.cells.iter().map(|c| c.train_seconds).sum::<f64>(),
@@ -654,7 +763,48 @@ fn git_commit() -> Value {
 
 #[cfg(test)]
 mod tests {
-    use super::process_running;
+    use super::*;
+
+    const BASE: &str = "name = \"t\"\nmodel = \"m\"\ndata = \"d\"\nupstream = [\"a\", \"b\"]\ndownstream = [\"c\"]\n\
+                        methods = [\"linear-probe\", \"learned\"]\nshots = [1, 2]\n";
+
+    fn parse_err(text: &str) -> String {
+        format!("{:#}", SweepConfig::parse(Path::new("x/sweep.toml"), text).unwrap_err())
+    }
+
+    #[test]
+    fn duplicates_escaping_task_names_and_unbounded_counts_are_refused() {
+        SweepConfig::parse(Path::new("x/sweep.toml"), BASE).unwrap();
+        for (from, to, needle) in [
+            ("shots = [1, 2]", "shots = [1, 2, 1]", "field 'shots': '1' is listed twice"),
+            ("\"learned\"]", "\"learned\", \"learned\"]", "field 'methods': 'learned' is listed twice"),
+            ("[\"a\", \"b\"]", "[\"a\", \"b\", \"a\"]", "field 'upstream': 'a' is listed twice"),
+            ("[\"c\"]", "[\"c\", \"c\"]", "field 'downstream': 'c' is listed twice"),
+            ("[\"a\", \"b\"]", "[\"a\", \"/tmp/evil\"]", "field 'upstream': '/tmp/evil' must be a task directory"),
+            ("[\"a\", \"b\"]", "[\"a\", \"../../evil\"]", "field 'upstream': '../../evil' must be"),
+            ("[\"c\"]", "[\"x/../../c\"]", "field 'downstream': 'x/../../c' must be"),
+        ] {
+            let text = BASE.replacen(from, to, 1);
+            assert_ne!(text, BASE, "{from}");
+            let e = parse_err(&text);
+            assert!(e.starts_with("x/sweep.toml: ") && e.contains(needle), "{e}");
+        }
+        let e = parse_err(&format!("{BASE}seeds = 1000000000000\n"));
+        assert!(e.contains("field") && e.contains("'seeds'") && e.contains("bytes of plan"), "{e}");
+        let e = parse_err(&format!("{BASE}[ablation]\nshots = 1\ndraws = 9223372036854775807\n"));
+        assert!(e.contains("'ablation.draws'") && e.contains("more than 2^64"), "{e}");
+    }
+
+    #[test]
+    fn the_bank_hash_covers_max_len_and_compute() {
+        let cfg = SweepConfig::parse(Path::new("x/sweep.toml"), BASE).unwrap();
+        let k = bank_key("m", "t", &cfg, "f32").unwrap();
+        let mut longer = cfg.clone();
+        longer.adapt.max_len = 64;
+        assert_ne!(k, bank_key("m", "t", &longer, "f32").unwrap());
+        assert_ne!(k, bank_key("m", "t", &cfg, "bf16").unwrap());
+        assert_eq!(k, bank_key("m", "t", &cfg.clone(), "f32").unwrap());
+    }
 
     /// A lock holder that was killed but not yet reaped (a zombie) counts as gone, so its lock is taken over.
     #[test]
