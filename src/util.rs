@@ -1,4 +1,4 @@
-//! Small shared helpers: atomic file writes, finite criteria.
+//! Small shared helpers: atomic file writes, checks before reading files and allocating, finite criteria.
 
 use anyhow::{anyhow, Result};
 use std::io::Write;
@@ -22,6 +22,56 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(anyhow!("cannot write {}: {e}", path.display()));
     }
     Ok(())
+}
+
+/// Refuse to read `path` when it exists but is not a regular file: a FIFO would block for ever, a device may
+/// stream without end. A missing file is left to the read that follows, which names it.
+pub fn ensure_regular(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => {
+            let kind = if m.is_dir() { "a directory" } else { "a device, FIFO or socket" };
+            Err(anyhow!("{}: not a regular file ({kind}); refusing to read it", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Memory this process may still take: `MemAvailable` from /proc/meminfo, or [`FALLBACK_MEMORY`] where that
+/// cannot be read.
+pub fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            let line = t.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            kb.checked_mul(1024)
+        })
+        .unwrap_or(FALLBACK_MEMORY)
+}
+
+/// The memory assumed available where /proc/meminfo cannot be read (16 GiB).
+pub const FALLBACK_MEMORY: u64 = 16 << 30;
+
+fn gib(bytes: u128) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Refuse `what` when its estimated size, `bytes` (`None`: beyond u128), exceeds the memory available, before
+/// anything is allocated: an allocation that cannot be served aborts the process (no error, no message).
+pub fn check_fits(bytes: Option<u128>, what: &str) -> Result<()> {
+    if bytes.is_some_and(|b| b <= 64 << 20) {
+        return Ok(()); // small: not worth reading /proc/meminfo
+    }
+    let avail = available_memory() as u128;
+    match bytes {
+        Some(b) if b <= avail => Ok(()),
+        Some(b) => Err(anyhow!(
+            "{what} needs about {} of memory ({b} bytes), more than the {} available (MemAvailable, /proc/meminfo)",
+            gib(b),
+            gib(avail)
+        )),
+        None => Err(anyhow!("{what} needs more memory than can be counted (over 2^128 bytes)")),
+    }
 }
 
 /// One standard normal draw (Box–Muller), from any seeded generator.
@@ -54,5 +104,32 @@ mod tests {
         let e = ensure_finite([f64::NEG_INFINITY], "bench timings", "iteration").unwrap_err();
         assert_eq!(e.to_string(), "bench timings: the criterion of iteration 0 is -inf");
         assert!(ensure_finite([], "bench timings", "iteration").is_ok());
+    }
+
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("loracomp-util-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn fifos_and_directories_are_not_read() {
+        let d = scratch("fifo");
+        std::fs::create_dir_all(&d).unwrap();
+        let fifo = d.join("train.jsonl");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let e = ensure_regular(&fifo).unwrap_err().to_string();
+        assert!(e.contains("train.jsonl: not a regular file (a device, FIFO or socket)"), "{e}");
+        assert!(ensure_regular(&d).unwrap_err().to_string().contains("(a directory)"));
+        assert!(ensure_regular(&d.join("missing")).is_ok(), "left to the read, which names it");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn sizes_beyond_memory_are_refused_with_the_estimate() {
+        assert!(check_fits(Some(1 << 20), "small").is_ok());
+        let e = check_fits(Some(1 << 80), "--rank 9").unwrap_err().to_string();
+        assert!(e.starts_with("--rank 9 needs about") && e.contains("GiB") && e.contains("MemAvailable"), "{e}");
+        assert!(check_fits(None, "x").is_err());
     }
 }

@@ -629,6 +629,7 @@ fn write_full_model(net: &mut TaskNet, base: &Path, dir: &Path) -> Result<()> {
     for f in files {
         let src = base.join(f);
         if src.exists() {
+            crate::util::ensure_regular(&src)?;
             let bytes = std::fs::read(&src).map_err(|e| anyhow!("cannot read {}: {e}", src.display()))?;
             crate::util::write_atomic(&dir.join(f), &bytes)?;
         }
@@ -946,6 +947,7 @@ impl TaskModel for NoHead<'_> {
 /// Texts of a predict input file: one JSON object a line with `text` (and optionally `text_pair`).
 pub fn read_predict_inputs(path: &Path) -> Result<Vec<PredictInput>> {
     use std::io::BufRead;
+    crate::util::ensure_regular(path)?;
     let f = std::fs::File::open(path).map_err(|e| anyhow!("cannot open {}: {e}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {

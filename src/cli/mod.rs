@@ -449,6 +449,7 @@ struct EmbedLine<'a> {
 }
 
 fn read_texts(path: &std::path::Path) -> Result<Vec<String>> {
+    crate::util::ensure_regular(path)?;
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {

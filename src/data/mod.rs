@@ -137,6 +137,7 @@ impl ImageShape {
 
     /// Read and check `image.json`; errors name the file and the key.
     pub fn from_file(p: &Path) -> Result<Self> {
+        crate::util::ensure_regular(p)?;
         let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
         let s: ImageShape = serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", p.display()))?;
         for (k, v) in [("channels", s.channels), ("height", s.height), ("width", s.width)] {
@@ -209,6 +210,7 @@ impl Task {
             bail!("{}: task directory not found", dir.display());
         }
         let lp = dir.join("labels.txt");
+        crate::util::ensure_regular(&lp)?;
         let text = std::fs::read_to_string(&lp).with_context(|| format!("cannot read {}", lp.display()))?;
         let labels: Vec<String> = text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
         if labels.len() < 2 {
@@ -256,6 +258,7 @@ impl Task {
             bail!("{}: not an image task (no image.json)", self.dir.display());
         };
         let p = self.dir.join(format!("{split}.bin"));
+        crate::util::ensure_regular(&p)?;
         let bytes = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
         self.parse_image_split(&p, shape, &bytes)
     }
@@ -298,6 +301,7 @@ impl Task {
     /// Read `split` (`train`, `valid` or `test`). Errors name the file, the line and the field.
     pub fn split(&self, split: &str) -> Result<Vec<Example>> {
         let p = self.dir.join(format!("{split}.jsonl"));
+        crate::util::ensure_regular(&p)?;
         let f = std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?;
         self.parse_split(&p, std::io::BufReader::new(f))
     }

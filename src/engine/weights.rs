@@ -50,6 +50,7 @@ pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 
 impl TensorFile {
     pub fn open(path: &Path) -> Result<Self> {
+        crate::util::ensure_regular(path)?;
         let bytes = std::fs::read(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
         Self::from_bytes(path, &bytes)
     }

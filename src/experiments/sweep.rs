@@ -155,6 +155,7 @@ pub struct SweepConfig {
 
 impl SweepConfig {
     pub fn load(path: &Path) -> Result<Self> {
+        crate::util::ensure_regular(path)?;
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         Self::parse(path, &text)
     }
@@ -369,6 +370,7 @@ fn append_result(path: &Path, c: &Cell) -> Result<()> {
 fn sha256_files(paths: &[PathBuf]) -> Result<String> {
     let mut h = Sha256::new();
     for p in paths {
+        crate::util::ensure_regular(p)?;
         let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
         h.update(p.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default().as_bytes());
         h.update((bytes.len() as u64).to_le_bytes());

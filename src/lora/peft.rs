@@ -219,6 +219,7 @@ impl Adapter {
             bail!("{}: adapter directory not found", dir.display());
         }
         let cpath = dir.join(CONFIG_FILE);
+        crate::util::ensure_regular(&cpath)?;
         let text = std::fs::read_to_string(&cpath).map_err(|e| anyhow!("cannot read {}: {e}", cpath.display()))?;
         let config = AdapterConfig::parse(&cpath, &text)?;
         let wpath = dir.join(WEIGHTS_FILE);
@@ -333,6 +334,7 @@ impl Adapter {
         };
         let mpath = dir.join(LORACOMP_FILE);
         let meta = if mpath.exists() {
+            crate::util::ensure_regular(&mpath)?;
             let t = std::fs::read_to_string(&mpath).map_err(|e| anyhow!("cannot read {}: {e}", mpath.display()))?;
             Some(serde_json::from_str(&t).map_err(|e| anyhow!("{}: invalid JSON: {e}", mpath.display()))?)
         } else {

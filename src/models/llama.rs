@@ -78,6 +78,7 @@ fn default_act() -> String {
 impl LlamaConfig {
     /// Read and validate `path` (a `config.json`). Errors name the file and the offending key.
     pub fn from_file(path: &Path) -> Result<Self> {
+        crate::util::ensure_regular(path)?;
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let cfg: LlamaConfig =
             serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid Llama config: {e}", path.display()))?;

@@ -83,6 +83,7 @@ pub enum Act {
 impl T5Config {
     /// Read and validate `path` (a `config.json`). Errors name the file and the offending key.
     pub fn from_file(path: &Path) -> Result<Self> {
+        crate::util::ensure_regular(path)?;
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let cfg: T5Config =
             serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid T5 config: {e}", path.display()))?;

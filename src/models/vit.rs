@@ -66,6 +66,7 @@ fn size_pair(v: &Value) -> Option<(usize, usize)> {
 impl VitConfig {
     /// Read and validate `path` (a `config.json`). Errors name the file and the offending key.
     pub fn from_file(path: &Path) -> Result<Self> {
+        crate::util::ensure_regular(path)?;
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))?;
         Self::from_json(&v).map_err(|e| anyhow!("{}: {e}", path.display()))

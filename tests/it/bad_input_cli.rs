@@ -543,3 +543,37 @@ fn text_pair_on_only_some_lines_is_refused() {
     .unwrap();
     e.adapt_fails(&good, &["train.jsonl:2", "field 'text_pair' is absent, but line 1 has one"]);
 }
+
+/// Runs `cmd`, killing it after `secs`: whether it failed fast, not after a long training run.
+fn output_within(mut cmd: std::process::Command, secs: u64) -> std::process::Output {
+    let mut child =
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("spawn");
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed().as_secs() > secs {
+            child.kill().unwrap();
+            panic!("still running after {secs} s: the error was not reported before training");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_fifo_in_place_of_a_task_file_is_refused() {
+    let e = Env::new("badcli-fifo");
+    let good = e.d.join("good");
+    adapter(&good, 384, |_| {});
+    let t = e.d.join("task");
+    std::fs::remove_file(t.join("test.jsonl")).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(t.join("test.jsonl")).status().unwrap().success());
+    let out = e.d.join("out-good");
+    let args = e.adapt_args(&good, &out);
+    let mut c = common::bin();
+    c.args(&args);
+    let o = output_within(c, 60);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("test.jsonl: not a regular file"), "{err}");
+    assert!(!out.exists());
+}

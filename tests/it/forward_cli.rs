@@ -87,3 +87,24 @@ fn overflowing_weights_fail_forward_naming_the_layer() {
     fails_with(m, r#"{"input_ids": [[2, 5, 7, 3]]}"#, "overflow", &["holds NaN/Inf", "first in the layer 1 output"]);
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// Batch × length (and image size) are estimated before anything is allocated, and refused with the estimate.
+#[test]
+fn inputs_too_large_for_memory_are_refused_with_the_estimate() {
+    let ids = vec!["0"; 300_000].join(",");
+    fails_with(
+        &fixture("tiny-llama"),
+        &format!(r#"{{"input_ids": [[{ids}]]}}"#),
+        "long",
+        &["in.json: field 'input_ids': a forward pass of batch 1 × 300000 needs about", "MemAvailable"],
+    );
+    let row = vec!["0"; 1024].join(",");
+    let plane = vec![format!("[{row}]"); 1024].join(",");
+    let px = vec![format!("[{plane}]"); 3].join(",");
+    fails_with(
+        &fixture("tiny-vit"),
+        &format!(r#"{{"pixel_values": [[{px}]]}}"#),
+        "image",
+        &["field 'pixel_values': a forward pass of batch 1 × 65537 needs about"],
+    );
+}
