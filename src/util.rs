@@ -2,7 +2,7 @@
 
 use anyhow::{anyhow, Result};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Write `bytes` to `path` through a temporary file in the same directory and a rename, so that a reader
 /// (or a killed process) never sees a partial file.
@@ -21,7 +21,105 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(anyhow!("cannot write {}: {e}", path.display()));
     }
+    remove_stale_temporaries(dir, &name.to_string_lossy());
     Ok(())
+}
+
+/// Remove `.{name}.PID.tmp` files in `dir` that a killed writer of `name` left (its process no longer runs):
+/// they are this file's temporaries, named by [`write_atomic`], and a finished write makes them useless.
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let prefix = format!(".{name}.");
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let file = file.to_string_lossy();
+        let Some(pid) = file.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".tmp")) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid != std::process::id() && !process_running(pid) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Whether process `pid` runs (Linux `/proc/PID/stat`): a zombie — killed, not yet reaped — does not.
+pub fn process_running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // "pid (comm) S ...": the state follows the last ')', as comm may hold spaces and parentheses.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z') | Some('X') | None)
+}
+
+/// One writer at a time per output directory: `DIR/<file>` holds the writer's process id, is created exclusively
+/// and removed when the lock is dropped. A lock left by a process that no longer runs (killed) is taken over; one
+/// this process already holds is shared (a sweep takes it, then the commands it runs take their own). A directory
+/// the lock created is removed again when the lock goes and nothing else was written there.
+pub struct DirLock {
+    path: Option<PathBuf>,
+    /// Directories `take` created, deepest first.
+    created: Vec<PathBuf>,
+}
+
+impl DirLock {
+    /// Take `dir/file` for `what` (a word for the error message: "sweep", "train").
+    pub fn take(dir: &Path, file: &str, what: &str) -> Result<Self> {
+        let created: Vec<PathBuf> =
+            dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).map(Path::to_path_buf).collect();
+        std::fs::create_dir_all(dir).map_err(|e| anyhow!("cannot create {}: {e}", dir.display()))?;
+        let path = dir.join(file);
+        for _ in 0..2 {
+            match std::fs::File::create_new(&path) {
+                Ok(mut f) => {
+                    write!(f, "{}", std::process::id()).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+                    return Ok(DirLock { path: Some(path), created });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                    let pid: Option<u32> = holder.trim().parse().ok();
+                    if pid == Some(std::process::id()) {
+                        return Ok(DirLock { path: None, created: Vec::new() });
+                    }
+                    let alive = pid.is_some_and(process_running);
+                    if alive || !Path::new("/proc/self").exists() {
+                        return Err(anyhow!(
+                            "{}: another {what} (process {}) is writing to this directory; wait for it, or delete \
+                             the lock file if that process is gone",
+                            path.display(),
+                            holder.trim()
+                        ));
+                    }
+                    // stale: its process was killed; take it over
+                    std::fs::remove_file(&path).map_err(|e| anyhow!("cannot remove {}: {e}", path.display()))?;
+                }
+                Err(e) => return Err(anyhow!("cannot create {}: {e}", path.display())),
+            }
+        }
+        Err(anyhow!("{}: could not take the {what} lock", path.display()))
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+        for d in &self.created {
+            if std::fs::remove_dir(d).is_err() {
+                break; // not empty: something was written there, keep it and its parents
+            }
+        }
+    }
+}
+
+/// Files removed when this guard is dropped (temporaries of a step that may fail half-way); a file already
+/// renamed away is simply not there any more.
+pub struct TempFiles(pub Vec<PathBuf>);
+
+impl Drop for TempFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// Refuse to read `path` when it exists but is not a regular file: a FIFO would block for ever, a device may
@@ -106,10 +204,50 @@ mod tests {
         assert!(ensure_finite([], "bench timings", "iteration").is_ok());
     }
 
-    fn scratch(tag: &str) -> std::path::PathBuf {
+    fn scratch(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("loracomp-util-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    #[test]
+    fn a_finished_write_removes_the_temporaries_killed_writers_left() {
+        let d = scratch("stale");
+        std::fs::create_dir_all(&d).unwrap();
+        let dead = d.join(".model.safetensors.4194303.tmp"); // above Linux's pid_max: no such process
+        let own = d.join(format!(".model.safetensors.{}.tmp", std::process::id()));
+        let parent = d.join(format!(".model.safetensors.{}.tmp", std::os::unix::process::parent_id()));
+        let other = d.join(".other.json.4194303.tmp");
+        for p in [&dead, &parent, &other] {
+            std::fs::write(p, b"partial").unwrap();
+        }
+        write_atomic(&d.join("model.safetensors"), b"weights").unwrap();
+        assert!(!dead.exists(), "a dead writer's temporary is removed");
+        assert!(!own.exists(), "this write's own temporary was renamed");
+        assert!(parent.exists(), "a running process's temporary is kept");
+        assert!(other.exists(), "another file's temporary is not this write's to remove");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_lock_refuses_a_live_holder_and_removes_the_directory_it_created() {
+        let root = scratch("lock");
+        let d = root.join("a/b");
+        {
+            let _l = DirLock::take(&d, ".train.lock", "train").unwrap();
+            assert!(d.join(".train.lock").exists());
+            // shared within one process
+            let _again = DirLock::take(&d, ".train.lock", "train").unwrap();
+        }
+        assert!(!d.exists() && !d.parent().unwrap().exists(), "nothing written: the created directories go too");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(".train.lock"), std::os::unix::process::parent_id().to_string()).unwrap();
+        let e = DirLock::take(&d, ".train.lock", "train").err().unwrap().to_string();
+        assert!(e.contains(".train.lock: another train (process") && e.contains("is writing"), "{e}");
+        std::fs::write(d.join(".train.lock"), "4194303").unwrap();
+        drop(DirLock::take(&d, ".train.lock", "train").unwrap()); // a dead holder's lock is taken over
+        assert!(d.exists(), "a directory that was there before stays");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -388,6 +388,10 @@ pub fn train(spec: &TrainSpec) -> Result<Value> {
     let train_enc = encode_examples(&lm.frontend, &fs)?;
     let valid_enc = if task.has_split("valid") { encode_split(&lm, &task, Some("valid"))? } else { Vec::new() };
     let test = encode_split(&lm, &task, split.as_deref())?;
+    // Then one `train` at a time per --out (a killed one's lock is taken over; a directory the lock created is
+    // removed again if nothing was written), and the results check again under the lock.
+    let _lock = crate::util::DirLock::take(&spec.out, ".train.lock", "train")?;
+    check_out(&spec.out, "metrics.json", c.force)?;
     let res = run_with_progress(&lm, &task, &train_enc, &test, &[], &opts, &format!("train {}", task.name), c.quiet)?;
     let mut net = res.model;
     let vs = if valid_enc.is_empty() {

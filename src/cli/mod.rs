@@ -631,9 +631,16 @@ fn run_command(cli: Cli) -> Result<()> {
                     std::fs::remove_file(out.join("results.jsonl")).ok();
                 }
             }
+            let fresh = !saved.exists();
             crate::util::write_atomic(&saved, text.as_bytes())?;
             let opts = crate::experiments::sweep::SweepOpts { quiet, threads: rayon::current_num_threads(), tasks };
-            let res = crate::experiments::sweep::run(&cfg, &text, &out, &opts)?;
+            let res = crate::experiments::sweep::run(&cfg, &text, &out, &opts);
+            // A sweep that failed before any result leaves no config.toml of its own behind (the lock then removes
+            // the directory it created, if nothing else is there).
+            if res.is_err() && fresh && std::fs::metadata(out.join("results.jsonl")).map_or(true, |m| m.len() == 0) {
+                let _ = std::fs::remove_file(&saved);
+            }
+            let res = res?;
             println!("{} cells; report: {}", res.cells.len(), out.join("report.md").display());
         }
         Cmd::Pretrain {

@@ -356,6 +356,8 @@ macro_rules! render {
         let png_path = $dir.join(format!("{}.png", $name));
         let tmp_svg = $dir.join(format!(".{}.svg.tmp", $name));
         let tmp_png = $dir.join(format!(".{}.png.tmp.png", $name));
+        // a plot that fails half-way leaves no temporary behind (after the renames there is none to remove)
+        let _tmp = crate::util::TempFiles(vec![tmp_svg.clone(), tmp_png.clone()]);
         {
             let $root = SVGBackend::new(&tmp_svg, $size).into_drawing_area();
             $body
@@ -552,6 +554,26 @@ fn scatter(dir: &Path, file: &str, what: &str, per_task: &BTreeMap<String, Vec<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn failing_plot(dir: &Path) -> Result<()> {
+        render!(dir, "broken", (64, 48), |root| {
+            root.fill(&WHITE).map_err(e)?;
+            if dir.exists() {
+                return Err(anyhow!("drawing failed half-way"));
+            }
+        });
+        Ok(())
+    }
+
+    #[test]
+    fn a_plot_that_fails_half_way_leaves_no_temporary() {
+        let d = std::env::temp_dir().join(format!("loracomp-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        assert!(failing_plot(&d).is_err());
+        let left: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "{left:?}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 
     #[test]
     fn spearman_refuses_a_nan_naming_the_pair_not_a_panic() {

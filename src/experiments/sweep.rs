@@ -418,60 +418,14 @@ pub struct SweepOutput {
     pub bank_names: Vec<String>,
 }
 
-/// One sweep at a time per output directory: `DIR/.sweep.lock` holds the running sweep's process id, is created
-/// exclusively and removed when the sweep ends. A lock left by a process that no longer runs (killed) is taken over;
-/// one this process already holds is shared (the CLI takes it before touching the directory, then calls [`run`]).
-pub struct SweepLock(Option<PathBuf>);
-
-/// Whether process `pid` runs (Linux `/proc/PID/stat`): a zombie — killed, not yet reaped — does not.
-fn process_running(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    // "pid (comm) S ...": the state follows the last ')', as comm may hold spaces and parentheses.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
-    !matches!(state, Some('Z') | Some('X') | None)
-}
+/// One sweep at a time per output directory: `DIR/.sweep.lock` ([`crate::util::DirLock`]) holds the running
+/// sweep's process id. A lock left by a process that no longer runs (killed) is taken over; one this process
+/// already holds is shared (the CLI takes it before touching the directory, then calls [`run`]).
+pub struct SweepLock(#[allow(dead_code)] crate::util::DirLock);
 
 impl SweepLock {
     pub fn take(out: &Path) -> Result<Self> {
-        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-        let path = out.join(".sweep.lock");
-        for _ in 0..2 {
-            match std::fs::File::create_new(&path) {
-                Ok(mut f) => {
-                    use std::io::Write;
-                    write!(f, "{}", std::process::id()).with_context(|| format!("cannot write {}", path.display()))?;
-                    return Ok(SweepLock(Some(path)));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                    let pid: Option<u32> = holder.trim().parse().ok();
-                    if pid == Some(std::process::id()) {
-                        return Ok(SweepLock(None));
-                    }
-                    let alive = pid.is_some_and(process_running);
-                    if alive || !Path::new("/proc/self").exists() {
-                        bail!(
-                            "{}: another sweep (process {}) is writing to this directory; wait for it, or delete \
-                             the lock file if that process is gone",
-                            path.display(),
-                            holder.trim()
-                        );
-                    }
-                    // stale: its process was killed; take it over
-                    std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
-                }
-                Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
-            }
-        }
-        bail!("{}: could not take the sweep lock", path.display())
-    }
-}
-
-impl Drop for SweepLock {
-    fn drop(&mut self) {
-        if let Some(p) = &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
+        Ok(SweepLock(crate::util::DirLock::take(out, ".sweep.lock", "sweep")?))
     }
 }
 
@@ -766,6 +720,7 @@ fn git_commit() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::process_running;
 
     const BASE: &str = "name = \"t\"\nmodel = \"m\"\ndata = \"d\"\nupstream = [\"a\", \"b\"]\ndownstream = [\"c\"]\n\
                         methods = [\"linear-probe\", \"learned\"]\nshots = [1, 2]\n";

@@ -560,6 +560,55 @@ fn output_within(mut cmd: std::process::Command, secs: u64) -> std::process::Out
 }
 
 #[test]
+fn train_checks_every_input_and_its_output_before_training_and_locks_its_output() {
+    let e = Env::new("badcli-trainfirst");
+    let t = e.d.join("task");
+    let m = e.m.to_str().unwrap().to_string();
+    // a long run: only a check made before training fails within the time limit
+    let train = |out: &Path, steps: &str| {
+        let mut c = common::bin();
+        c.args(["train", "--model", &m, "--task", t.to_str().unwrap(), "--rank", "2", "--steps", steps]);
+        c.args(["--out", out.to_str().unwrap()]);
+        c
+    };
+    let file = e.d.join("a-file");
+    std::fs::write(&file, "keep me").unwrap();
+    let o = output_within(train(&file, "100000000"), 60);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("a-file: exists and is not a directory (--out names the output directory)"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+
+    std::fs::write(t.join("valid.jsonl"), "{\"text\": \"x\", \"label\": \"maybe\"}\n").unwrap();
+    let out = e.d.join("out");
+    let o = output_within(train(&out, "100000000"), 60);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("valid.jsonl:1: field 'label': 'maybe'"), "{err}");
+    assert!(!out.exists(), "nothing written");
+    task(&t, 2);
+
+    // a second train into the same --out while one runs (a live process holds the lock)
+    std::fs::create_dir_all(&out).unwrap();
+    let holder = std::process::id(); // this test process: alive
+    std::fs::write(out.join(".train.lock"), holder.to_string()).unwrap();
+    let o = output_within(train(&out, "1"), 60);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!(".train.lock: another train (process {holder}) is writing")), "{err}");
+    assert!(!out.join("metrics.json").exists());
+    std::fs::remove_file(out.join(".train.lock")).unwrap();
+
+    // a temporary left by a killed run is removed by the next successful one; the lock is released
+    let stale = out.join(".adapter_model.safetensors.4194303.tmp");
+    std::fs::write(&stale, "half a file").unwrap();
+    let o = output_within(train(&out, "1"), 300);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!stale.exists(), "stale temporary left behind");
+    assert!(!out.join(".train.lock").exists(), "lock left behind");
+}
+
+#[test]
 fn a_fifo_in_place_of_a_task_file_is_refused() {
     let e = Env::new("badcli-fifo");
     let good = e.d.join("good");
