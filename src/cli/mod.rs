@@ -32,6 +32,15 @@ fn positive(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
+/// A real number that must be finite (learning rates, alpha, weight decay): `nan` and `inf` parse as f32 but
+/// would only surface as a diverged training run.
+fn finite(s: &str) -> std::result::Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(format!("'{s}' is not a finite number")),
+    }
+}
+
 /// Options shared by `train` and `adapt`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
@@ -54,13 +63,13 @@ pub struct TrainArgs {
     pub batch: usize,
     /// Learning rate of the method's own parameters (LoRA factors, composition logits, model weights)
     /// [default: full 1e-4, lora 1e-3, learned 5e-2]; refused by methods that train none.
-    #[arg(long)]
+    #[arg(long, value_parser = finite)]
     pub lr: Option<f32>,
     /// Learning rate of the classifier head (encoders) [default: 1e-2; train: 5e-3].
-    #[arg(long)]
+    #[arg(long, value_parser = finite)]
     pub lr_head: Option<f32>,
     /// AdamW weight decay.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = finite)]
     pub weight_decay: f32,
     /// Pooling of an encoder's output: mean or cls [default: mean for BERT, cls for ViT / DINOv2]; not for
     /// generative models.
@@ -124,7 +133,7 @@ pub enum Cmd {
         #[arg(long, default_value_t = 16, value_parser = positive)]
         rank: usize,
         /// LoRA alpha (scale alpha / rank).
-        #[arg(long, default_value_t = 32.0)]
+        #[arg(long, default_value_t = 32.0, value_parser = finite)]
         alpha: f32,
         /// Target modules, comma-separated [default: the attention query and value projections: query,value
         /// (BERT, ViT), q,v (T5), q_proj,v_proj (Llama)].
@@ -158,7 +167,7 @@ pub enum Cmd {
         #[arg(long, value_parser = positive)]
         rank: Option<usize>,
         /// lora: alpha [default: 32].
-        #[arg(long)]
+        #[arg(long, value_parser = finite)]
         alpha: Option<f32>,
         /// lora: target modules, comma-separated [default: the attention query and value projections].
         #[arg(long, value_delimiter = ',')]
@@ -358,10 +367,10 @@ pub enum Cmd {
         #[arg(long, default_value_t = 32, value_parser = positive)]
         batch: usize,
         /// Peak learning rate (linear warm-up, then linear decay).
-        #[arg(long, default_value_t = 1e-3)]
+        #[arg(long, default_value_t = 1e-3, value_parser = finite)]
         lr: f32,
         /// AdamW weight decay.
-        #[arg(long, default_value_t = 0.05)]
+        #[arg(long, default_value_t = 0.05, value_parser = finite)]
         weight_decay: f32,
         /// Seed of the initialisation and the batch order.
         #[arg(long, default_value_t = 0)]
@@ -468,17 +477,39 @@ fn read_texts(path: &std::path::Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// Most worker threads `--threads` may ask for.
+pub const MAX_THREADS: usize = 4096;
+/// Stack of each worker thread (the command itself runs on one, so the main thread's usual 8 MiB).
+const WORKER_STACK: usize = 8 << 20;
+
 pub fn run(cli: Cli) -> Result<()> {
     // The command runs on one of the pool's own workers (`rayon::scope` called from outside the pool runs its
     // body on a worker): each parallel loop is then shared with the other workers directly, instead of the main
     // thread handing every loop to the pool and sleeping until it ends, two thread wake-ups per loop and a few
     // hundred loops per training step (measured: ref4 learned N = 8 bf16 61 → 55 ms). Workers get the main
     // thread's usual 8 MiB of stack, as the whole command now runs on one.
+    // rayon allocates per-thread state and reserves each worker's stack before it can report an error, so an
+    // absurd count (from --threads or RAYON_NUM_THREADS) is refused first, with the stack reservation it implies.
+    let asked = cli.threads.or_else(|| std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.trim().parse().ok()));
+    if let Some(n) = asked.filter(|&n| n > MAX_THREADS) {
+        let stacks = (n as u128) * (WORKER_STACK as u128);
+        bail!(
+            "--threads {n} (or RAYON_NUM_THREADS): at most {MAX_THREADS} worker threads ({n} would reserve about {} \
+             GiB of stack); this machine has {} cores",
+            stacks >> 30,
+            std::thread::available_parallelism().map_or(1, |p| p.get())
+        );
+    }
     let built =
-        rayon::ThreadPoolBuilder::new().num_threads(cli.threads.unwrap_or(0)).stack_size(8 << 20).build_global();
+        rayon::ThreadPoolBuilder::new().num_threads(cli.threads.unwrap_or(0)).stack_size(WORKER_STACK).build_global();
     if let Err(e) = built {
         // A second `run` in one process (a library caller) finds the pool built: fine unless it asks for
-        // another thread count.
+        // another thread count. Any other failure (threads that cannot be started) is an error, not a fall back
+        // to rayon's lazily built default pool, which would panic on the same failure.
+        let already = e.to_string().contains("already been initialized");
+        if !already {
+            bail!("--threads: cannot start the worker threads: {e}");
+        }
         if cli.threads.is_some_and(|t| t != rayon::current_num_threads()) {
             bail!("--threads: {e}");
         }

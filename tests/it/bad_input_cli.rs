@@ -609,6 +609,45 @@ fn train_checks_every_input_and_its_output_before_training_and_locks_its_output(
 }
 
 #[test]
+fn absurd_thread_counts_and_ranks_are_errors_with_the_estimate() {
+    let o = common::bin().args(["--threads", "100000000", "embed", "--model", "m", "--text", "x"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--threads 100000000") && err.contains("at most 4096") && err.contains("GiB of stack"),
+        "{err}"
+    );
+
+    let e = Env::new("badcli-bigrank");
+    let out = e.d.join("out");
+    let t = e.d.join("task");
+    let args = [
+        "adapt",
+        "--model",
+        e.m.to_str().unwrap(),
+        "--task",
+        t.to_str().unwrap(),
+        "--shots",
+        "1",
+        "--method",
+        "lora",
+        "--steps",
+        "1",
+        "--rank",
+        "1000000000000",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    fails(&args, &["--rank 1000000000000: the fresh LoRA", "needs about", "MemAvailable"], &out);
+    for lr in ["nan", "inf"] {
+        let o = common::bin().args(args).args(["--lr", lr]).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("--lr") && err.contains("not a finite number"), "{err}");
+    }
+}
+
+#[test]
 fn a_fifo_in_place_of_a_task_file_is_refused() {
     let e = Env::new("badcli-fifo");
     let good = e.d.join("good");
