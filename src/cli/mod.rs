@@ -41,6 +41,16 @@ fn finite(s: &str) -> std::result::Result<f32, String> {
     }
 }
 
+/// Parse command-line arguments (the first is the program name) without running anything; the fuzz target
+/// `cli_args` drives the numeric options through it.
+pub fn parse_args<I, T>(args: I) -> std::result::Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    Cli::try_parse_from(args)
+}
+
 /// Options shared by `train` and `adapt`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
