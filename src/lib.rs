@@ -37,6 +37,9 @@
 //! [`lora::bank::Composition`], and [`methods::export::export_adapter`] writes the result as a PEFT adapter
 //! (`examples/compose.rs` composes two adapters this way).
 
+// Every `unsafe` block says why it is sound (`// SAFETY: …` right above it).
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod app;
 pub mod cli;
 pub mod data;

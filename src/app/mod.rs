@@ -388,6 +388,10 @@ pub fn train(spec: &TrainSpec) -> Result<Value> {
     let train_enc = encode_examples(&lm.frontend, &fs)?;
     let valid_enc = if task.has_split("valid") { encode_split(&lm, &task, Some("valid"))? } else { Vec::new() };
     let test = encode_split(&lm, &task, split.as_deref())?;
+    // Then one `train` at a time per --out (a killed one's lock is taken over; a directory the lock created is
+    // removed again if nothing was written), and the results check again under the lock.
+    let _lock = crate::util::DirLock::take(&spec.out, ".train.lock", "train")?;
+    check_out(&spec.out, "metrics.json", c.force)?;
     let res = run_with_progress(&lm, &task, &train_enc, &test, &[], &opts, &format!("train {}", task.name), c.quiet)?;
     let mut net = res.model;
     let vs = if valid_enc.is_empty() {
@@ -629,6 +633,7 @@ fn write_full_model(net: &mut TaskNet, base: &Path, dir: &Path) -> Result<()> {
     for f in files {
         let src = base.join(f);
         if src.exists() {
+            crate::util::ensure_regular(&src)?;
             let bytes = std::fs::read(&src).map_err(|e| anyhow!("cannot read {}: {e}", src.display()))?;
             crate::util::write_atomic(&dir.join(f), &bytes)?;
         }
@@ -704,7 +709,9 @@ pub fn eval(
     let (lm, mut net) = model_with_adapter(model_dir, &adapter, &task.labels, max_len)?;
     check_kind(&lm.frontend, task.image.is_some()).map_err(|e| anyhow!("{}: {e}", task.dir.display()))?;
     let e = encode_examples(&lm.frontend, &task.examples(split)?)?;
-    let pred = predict_all(net.as_dyn(), &e, 64)?;
+    // Scores holding NaN/Inf are an error (class_scores), never an accuracy computed on them.
+    let pred = predict_all(net.as_dyn(), &e, 64)
+        .map_err(|err| anyhow!("{} with {} on {split}: {err}", model_dir.display(), adapter_dir.display()))?;
     let s = score(&e.iter().map(|x| x.label).collect::<Vec<_>>(), &pred, task.labels.len());
     Ok(json!({"task": task.name, "split": split, "adapter": adapter_dir.display().to_string(),
               "accuracy": s.accuracy, "macro_f1": s.macro_f1, "n": s.n}))
@@ -944,6 +951,7 @@ impl TaskModel for NoHead<'_> {
 /// Texts of a predict input file: one JSON object a line with `text` (and optionally `text_pair`).
 pub fn read_predict_inputs(path: &Path) -> Result<Vec<PredictInput>> {
     use std::io::BufRead;
+    crate::util::ensure_regular(path)?;
     let f = std::fs::File::open(path).map_err(|e| anyhow!("cannot open {}: {e}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {

@@ -83,6 +83,25 @@ fn positive(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
+/// A real number that must be finite (learning rates, alpha, weight decay): `nan` and `inf` parse as f32 but
+/// would only surface as a diverged training run.
+fn finite(s: &str) -> std::result::Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(format!("'{s}' is not a finite number")),
+    }
+}
+
+/// Parse command-line arguments (the first is the program name) without running anything; the fuzz target
+/// `cli_args` drives the numeric options through it.
+pub fn parse_args<I, T>(args: I) -> std::result::Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    Cli::try_parse_from(args)
+}
+
 /// Options shared by `train` and `adapt`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
@@ -105,13 +124,13 @@ pub struct TrainArgs {
     pub batch: usize,
     /// Learning rate of the method's own parameters (LoRA factors, composition logits, model weights)
     /// [default: full 1e-4, lora 1e-3, learned 5e-2]; refused by methods that train none.
-    #[arg(long)]
+    #[arg(long, value_parser = finite)]
     pub lr: Option<f32>,
     /// Learning rate of the classifier head (encoders) [default: 1e-2; train: 5e-3].
-    #[arg(long)]
+    #[arg(long, value_parser = finite)]
     pub lr_head: Option<f32>,
     /// AdamW weight decay.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = finite)]
     pub weight_decay: f32,
     /// Pooling of an encoder's output: mean or cls [default: mean for BERT, cls for ViT / DINOv2]; not for
     /// generative models.
@@ -175,7 +194,7 @@ pub enum Cmd {
         #[arg(long, default_value_t = 16, value_parser = positive)]
         rank: usize,
         /// LoRA alpha (scale alpha / rank).
-        #[arg(long, default_value_t = 32.0)]
+        #[arg(long, default_value_t = 32.0, value_parser = finite)]
         alpha: f32,
         /// Target modules, comma-separated [default: the attention query and value projections: query,value
         /// (BERT, ViT), q,v (T5), q_proj,v_proj (Llama)].
@@ -209,7 +228,7 @@ pub enum Cmd {
         #[arg(long, value_parser = positive)]
         rank: Option<usize>,
         /// lora: alpha [default: 32].
-        #[arg(long)]
+        #[arg(long, value_parser = finite)]
         alpha: Option<f32>,
         /// lora: target modules, comma-separated [default: the attention query and value projections].
         #[arg(long, value_delimiter = ',')]
@@ -409,10 +428,10 @@ pub enum Cmd {
         #[arg(long, default_value_t = 32, value_parser = positive)]
         batch: usize,
         /// Peak learning rate (linear warm-up, then linear decay).
-        #[arg(long, default_value_t = 1e-3)]
+        #[arg(long, default_value_t = 1e-3, value_parser = finite)]
         lr: f32,
         /// AdamW weight decay.
-        #[arg(long, default_value_t = 0.05)]
+        #[arg(long, default_value_t = 0.05, value_parser = finite)]
         weight_decay: f32,
         /// Seed of the initialisation and the batch order.
         #[arg(long, default_value_t = 0)]
@@ -519,6 +538,7 @@ struct EmbedLine<'a> {
 }
 
 fn read_texts(path: &std::path::Path) -> Result<Vec<String>> {
+    crate::util::ensure_regular(path)?;
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
@@ -536,6 +556,8 @@ fn read_texts(path: &std::path::Path) -> Result<Vec<String>> {
     }
     Ok(out)
 }
+
+pub use crate::util::MAX_THREADS;
 
 pub fn run(cli: Cli) -> Result<()> {
     // The command runs on one of the pool's own workers (`rayon::scope` called from outside the pool runs its

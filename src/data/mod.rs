@@ -137,6 +137,7 @@ impl ImageShape {
 
     /// Read and check `image.json`; errors name the file and the key.
     pub fn from_file(p: &Path) -> Result<Self> {
+        crate::util::ensure_regular(p)?;
         let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
         let s: ImageShape = serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", p.display()))?;
         for (k, v) in [("channels", s.channels), ("height", s.height), ("width", s.width)] {
@@ -219,6 +220,7 @@ impl Task {
             bail!("{}: task directory not found", dir.display());
         }
         let lp = dir.join("labels.txt");
+        crate::util::ensure_regular(&lp)?;
         let text = std::fs::read_to_string(&lp).with_context(|| format!("cannot read {}", lp.display()))?;
         let labels: Vec<String> = text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
         if labels.len() < 2 {
@@ -266,6 +268,7 @@ impl Task {
             bail!("{}: not an image task (no image.json)", self.dir.display());
         };
         let p = self.dir.join(format!("{split}.bin"));
+        crate::util::ensure_regular(&p)?;
         let bytes = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
         self.parse_image_split(&p, shape, &bytes)
     }
@@ -308,6 +311,7 @@ impl Task {
     /// Read `split` (`train`, `valid` or `test`). Errors name the file, the line and the field.
     pub fn split(&self, split: &str) -> Result<Vec<Example>> {
         let p = self.dir.join(format!("{split}.jsonl"));
+        crate::util::ensure_regular(&p)?;
         let f = std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?;
         self.parse_split(&p, std::io::BufReader::new(f))
     }
@@ -318,6 +322,8 @@ impl Task {
         let index: std::collections::HashMap<&str, usize> =
             self.labels.iter().enumerate().map(|(i, l)| (l.as_str(), i)).collect();
         let mut out = Vec::new();
+        // (line, has a text_pair) of the first example: a split is all pairs or all single texts
+        let mut first: Option<(usize, bool)> = None;
         for (i, line) in reader.lines().enumerate() {
             let line = line.with_context(|| format!("{}:{}: cannot read", p.display(), i + 1))?;
             if line.trim().is_empty() {
@@ -343,6 +349,15 @@ impl Task {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
                 _ => bail!("{}: field 'text_pair' is not a string", at()),
             };
+            let (l0, paired) = *first.get_or_insert((i + 1, pair.is_some()));
+            if paired != pair.is_some() {
+                let (here, there) = if paired { ("absent", "has one") } else { ("present", "has none") };
+                bail!(
+                    "{}: field 'text_pair' is {here}, but line {l0} {there}; a split is all text pairs or all \
+                     single texts",
+                    at()
+                );
+            }
             out.push(Example { text: text.to_string(), pair, label });
         }
         if out.is_empty() {
@@ -403,5 +418,24 @@ mod tests {
             assert_eq!(n, if cl == 2 { 3 } else { 4 });
         }
         assert_eq!(a.short, vec![(2, 3), (3, 0)]);
+    }
+
+    #[test]
+    fn text_pair_on_only_some_lines_names_the_file_and_line() {
+        let t = Task { name: "t".into(), dir: "t".into(), labels: vec!["a".into(), "b".into()], image: None };
+        let p = Path::new("t/train.jsonl");
+        let ok = "{\"text\": \"x\", \"text_pair\": \"y\", \"label\": \"a\"}\n".repeat(2);
+        assert_eq!(t.parse_split(p, ok.as_bytes()).unwrap().len(), 2);
+        let mixed =
+            "{\"text\": \"x\", \"text_pair\": \"y\", \"label\": \"a\"}\n\n{\"text\": \"x\", \"label\": \"b\"}\n";
+        let e = t.parse_split(p, mixed.as_bytes()).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "t/train.jsonl:3: field 'text_pair' is absent, but line 1 has one; a split is all text pairs or all single texts"
+        );
+        let mixed = "{\"text\": \"x\", \"label\": \"b\"}\n{\"text\": \"x\", \"text_pair\": null, \"label\": \"a\"}\n\
+                     {\"text\": \"x\", \"text_pair\": \"y\", \"label\": \"a\"}\n";
+        let e = t.parse_split(p, mixed.as_bytes()).unwrap_err().to_string();
+        assert!(e.starts_with("t/train.jsonl:3: field 'text_pair' is present, but line 1 has none"), "{e}");
     }
 }

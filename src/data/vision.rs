@@ -27,11 +27,13 @@ use std::path::Path;
 pub type Record = (usize, Vec<u8>);
 
 fn read_bytes(p: &Path) -> Result<Vec<u8>> {
+    crate::util::ensure_regular(p)?;
     std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
 }
 
 /// Non-empty lines of a labels file.
 pub fn read_labels(p: &Path) -> Result<Vec<String>> {
+    crate::util::ensure_regular(p)?;
     let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
     let labels: Vec<String> = text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
     if labels.is_empty() {

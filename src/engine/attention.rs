@@ -178,6 +178,7 @@ fn wide_and_scalar_softmax_are_bit_identical() {
         let (mut a, mut b) = (row0.clone(), row0.clone());
         masked_softmax(&mut a, &m);
         if wide_simd() {
+            // SAFETY: `wide_simd()` checked the CPU features.
             unsafe { masked_softmax_avx512(&mut b, &m) };
         } else {
             masked_softmax(&mut b, &m);
@@ -188,6 +189,7 @@ fn wide_and_scalar_softmax_are_bit_identical() {
         let (mut ga, mut gb) = (dp.clone(), dp.clone());
         softmax_row_backward(&mut ga, &a, 0.125);
         if wide_simd() {
+            // SAFETY: `wide_simd()` checked the CPU features.
             unsafe { softmax_rows_backward_avx512(&mut gb, &a, s, 0.125) };
         } else {
             softmax_row_backward(&mut gb, &a, 0.125);

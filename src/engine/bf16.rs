@@ -229,6 +229,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     fn pairs_along(lo: __m512, hi: __m512) -> __m512i {
         // cvtne2ps(hi, lo) puts lo's 16 bf16 in the low half, in order: the words are already the pairs.
+        // SAFETY: reinterprets one 64-byte vector as another of the same size; every bit pattern is valid in both.
         unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)) }
     }
 
@@ -236,6 +237,7 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     fn pairs_across(r0: __m512, r1: __m512) -> __m512i {
+        // SAFETY: reinterprets one 64-byte vector as another of the same size; every bit pattern is valid in both.
         let both: __m512i = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(r1, r0)) };
         // halves [r0 | r1] → interleaved r0[0], r1[0], r0[1], r1[1], …
         let idx = _mm512_set_epi16(
@@ -253,6 +255,7 @@ mod x86 {
         for (q, v) in t.iter_mut().enumerate().take(len) {
             *v = get(q);
         }
+        // SAFETY: `t` is 16 f32, exactly the 64 bytes the unaligned load reads.
         unsafe { _mm512_loadu_ps(t.as_ptr()) }
     }
 
@@ -261,9 +264,12 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     fn load16(s: &[f32]) -> __m512 {
         if s.len() >= 16 {
+            // SAFETY: `s` holds at least the 16 f32 the unaligned load reads.
             unsafe { _mm512_loadu_ps(s.as_ptr()) }
         } else {
             let mask: __mmask16 = ((1u32 << s.len()) - 1) as __mmask16;
+            // SAFETY: the mask enables only the first `s.len()` lanes, all inside `s`; masked-off lanes are not
+            // accessed (no fault), and read as zero.
             unsafe { _mm512_maskz_loadu_ps(mask, s.as_ptr()) }
         }
     }
@@ -350,6 +356,7 @@ mod x86 {
                         }
                     };
                     let w = pairs_across(row(2 * p), row(2 * p + 1));
+                    // SAFETY: the 16 words at p·NR + 16h (h ≤ 1, NR = 32) lie inside `dst` (kp · NR words).
                     unsafe { _mm512_storeu_si512(dst[p * NR + 16 * h..].as_mut_ptr().cast(), w) };
                 }
             }
@@ -476,6 +483,7 @@ mod x86 {
     // SAFETY: the blocks written through the pointer are disjoint (each task owns its tiles of C); the bias
     // is only read.
     unsafe impl Send for SendPtr {}
+    // SAFETY: as for Send: shared references only copy the pointer; the tiles written through it are disjoint.
     unsafe impl Sync for SendPtr {}
 
     /// SAFETY: the CPU has avx512f/bw/bf16; `a`, `b`, `c` are bounds-checked by the caller; m, n, k > 0.
@@ -509,7 +517,7 @@ mod x86 {
         let pa = &mut pa_buf[..mp * kp * MR];
         let pb = &mut pb_buf[..np * kp * NR];
         let rows_layout = a_rows_layout(a);
-        // SAFETY (all four closures): the caller guarantees the CPU features.
+        // SAFETY: the caller guarantees the CPU features; `pack_a_*` write only inside panel `d`.
         let pack_a = |(ip, d): (usize, &mut [u32])| unsafe {
             if rows_layout {
                 pack_a_rows(a, m, k, ip, d)
@@ -517,6 +525,7 @@ mod x86 {
                 pack_a_pairs(a, m, k, ip, d)
             }
         };
+        // SAFETY: as above; `pack_b_panel` writes only inside panel `d`.
         let pack_b = |(jp, d): (usize, &mut [u32])| unsafe { pack_b_panel(b, n, k, jp, d) };
         if parallel {
             pa.par_chunks_mut(kp * MR).enumerate().for_each(pack_a);
@@ -542,8 +551,9 @@ mod x86 {
                 let cols = (n - jp * NR).min(NR);
                 for ip in ips.clone() {
                     let rows = (m - ip * MR).min(MR);
-                    // SAFETY: the tile (ip, jp) lies inside C and belongs to this block only.
                     let t = if rows_layout { tile::<true> } else { tile::<false> };
+                    // SAFETY: the tile (ip, jp) lies inside C and belongs to this block only; the panels lie
+                    // inside `pa` / `pb`; the caller guarantees the CPU features.
                     unsafe {
                         t(
                             kp,

@@ -50,6 +50,7 @@ pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 
 impl TensorFile {
     pub fn open(path: &Path) -> Result<Self> {
+        crate::util::ensure_regular(path)?;
         let bytes = std::fs::read(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
         Self::from_bytes(path, &bytes)
     }
@@ -95,6 +96,26 @@ impl TensorFile {
 
     pub fn contains(&self, key: &str) -> bool {
         self.tensors.contains_key(key)
+    }
+
+    /// After a loader has taken every tensor it uses: refuse the tensors still here that belong to the part of
+    /// the network loracomp runs (`part(name)`), e.g. `encoder.layer.1.*` when config.json gives one layer —
+    /// a config that does not describe its weights, which would otherwise run a different network without a word.
+    /// Tensors outside it (pooler, pre-training heads, tied copies) are ignored, as transformers' `AutoModel` does.
+    pub fn refuse_unused(&self, config: &Path, part: impl Fn(&str) -> bool) -> Result<()> {
+        let unused: Vec<&str> = self.tensors.keys().map(|k| k.as_str()).filter(|k| part(k)).collect();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        let shown = unused.iter().take(5).map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ");
+        let more = if unused.len() > 5 { format!(" and {} more", unused.len() - 5) } else { String::new() };
+        bail!(
+            "{}: {} tensor(s) the model described by {} does not use: {shown}{more}; the config does not match \
+             the weights (num_hidden_layers / num_layers too small?)",
+            self.path.display(),
+            unused.len(),
+            config.display()
+        )
     }
 }
 

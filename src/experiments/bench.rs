@@ -205,7 +205,9 @@ pub fn run(opts: &BenchOpts, mut report: impl FnMut(&BenchResult)) -> Result<Vec
                         times.push(t0.elapsed().as_secs_f64() * 1e3);
                     }
                 }
-                times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                // Elapsed times are finite by construction (Duration → f64); total_cmp cannot panic anyway.
+                crate::util::ensure_finite(times.iter().copied(), "bench timings", "iteration")?;
+                times.sort_by(|a, b| a.total_cmp(b));
                 crate::engine::gemm::start_recording();
                 if mode == "forward" {
                     m.forward(&batch)?;

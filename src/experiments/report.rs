@@ -214,14 +214,12 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
             )
             .unwrap();
         }
-        writeln!(
-            md,
-            "| {what} ({file}.png) | **{:.3}** | {} | {} |",
-            spearman(&pairs),
-            pairs.len(),
-            per_task.values().map(|p| format!("{:.3}", spearman(p))).collect::<Vec<_>>().join(" | ")
-        )
-        .unwrap();
+        let pooled = spearman(&pairs, &format!("report {file}"))?;
+        let within = per_task
+            .iter()
+            .map(|(t, p)| Ok(format!("{:.3}", spearman(p, &format!("report {file}, task '{t}'"))?)))
+            .collect::<Result<Vec<_>>>()?;
+        writeln!(md, "| {what} ({file}.png) | **{pooled:.3}** | {} | {} |", pairs.len(), within.join(" | ")).unwrap();
         drawn.push((file, what, per_task));
     }
     let mut plots = vec!["accuracy_vs_shots"];
@@ -320,9 +318,10 @@ fn weight_similarity_pairs(sims_by_task: &Similarity, main: &[&Cell]) -> BTreeMa
     out
 }
 
-fn ranks(v: &[f64]) -> Vec<f64> {
+fn ranks(v: &[f64], source: &str, item: &str) -> Result<Vec<f64>> {
+    crate::util::ensure_finite(v.iter().copied(), source, item)?;
     let mut idx: Vec<usize> = (0..v.len()).collect();
-    idx.sort_by(|&a, &b| v[a].partial_cmp(&v[b]).unwrap());
+    idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
     let mut r = vec![0.0; v.len()];
     let mut i = 0;
     while i < idx.len() {
@@ -335,18 +334,18 @@ fn ranks(v: &[f64]) -> Vec<f64> {
         }
         i = j + 1;
     }
-    r
+    Ok(r)
 }
 
-/// Spearman rank correlation of the pairs.
-pub fn spearman(pairs: &[(f64, f64)]) -> f64 {
-    let a = ranks(&pairs.iter().map(|p| p.0).collect::<Vec<_>>());
-    let b = ranks(&pairs.iter().map(|p| p.1).collect::<Vec<_>>());
+/// Spearman rank correlation of the pairs; `source` names them in the error a NaN or Inf gives.
+pub fn spearman(pairs: &[(f64, f64)], source: &str) -> Result<f64> {
+    let a = ranks(&pairs.iter().map(|p| p.0).collect::<Vec<_>>(), source, "similarity of pair")?;
+    let b = ranks(&pairs.iter().map(|p| p.1).collect::<Vec<_>>(), source, "learned weight of pair")?;
     let (ma, mb) = (mean_std(&a).0, mean_std(&b).0);
     let cov: f64 = a.iter().zip(&b).map(|(x, y)| (x - ma) * (y - mb)).sum();
     let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
     let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
-    cov / (va * vb).sqrt().max(1e-12)
+    Ok(cov / (va * vb).sqrt().max(1e-12))
 }
 
 /// Twelve distinguishable colours (the tab10 set, then two darker extras), so no two methods share a colour.
@@ -375,6 +374,8 @@ macro_rules! render {
         let png_path = $dir.join(format!("{}.png", $name));
         let tmp_svg = $dir.join(format!(".{}.svg.tmp", $name));
         let tmp_png = $dir.join(format!(".{}.png.tmp.png", $name));
+        // a plot that fails half-way leaves no temporary behind (after the renames there is none to remove)
+        let _tmp = crate::util::TempFiles(vec![tmp_svg.clone(), tmp_png.clone()]);
         {
             let $root = SVGBackend::new(&tmp_svg, $size).into_drawing_area();
             $body
@@ -566,4 +567,37 @@ fn scatter(dir: &Path, file: &str, what: &str, per_task: &BTreeMap<String, Vec<(
             .map_err(e)?;
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failing_plot(dir: &Path) -> Result<()> {
+        render!(dir, "broken", (64, 48), |root| {
+            root.fill(&WHITE).map_err(e)?;
+            if dir.exists() {
+                return Err(anyhow!("drawing failed half-way"));
+            }
+        });
+        Ok(())
+    }
+
+    #[test]
+    fn a_plot_that_fails_half_way_leaves_no_temporary() {
+        let d = std::env::temp_dir().join(format!("loracomp-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        assert!(failing_plot(&d).is_err());
+        let left: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "{left:?}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn spearman_refuses_a_nan_naming_the_pair_not_a_panic() {
+        let ok = spearman(&[(1.0, 2.0), (2.0, 3.0), (3.0, 5.0)], "r").unwrap();
+        assert!((ok - 1.0).abs() < 1e-12, "{ok}");
+        let e = spearman(&[(1.0, 2.0), (f64::NAN, 3.0)], "report weight_vs_cka").unwrap_err().to_string();
+        assert_eq!(e, "report weight_vs_cka: the criterion of similarity of pair 1 is NaN");
+    }
 }

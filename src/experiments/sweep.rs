@@ -161,6 +161,7 @@ pub struct SweepConfig {
 
 impl SweepConfig {
     pub fn load(path: &Path) -> Result<Self> {
+        crate::util::ensure_regular(path)?;
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         Self::parse(path, &text)
     }
@@ -223,8 +224,94 @@ impl SweepConfig {
         for by in self.ablation.iter().flat_map(|a| &a.retrieval_by) {
             by.parse::<crate::methods::Retrieval>().map_err(|e| anyhow!("field 'ablation.retrieval_by': {e}"))?;
         }
+        // Task names are directories under `data` and name the bank's directories under the output: a plain
+        // relative path, never one that leaves them.
+        let ablation_tasks = self.ablation.iter().flat_map(|a| a.tasks.iter().map(|t| ("ablation.tasks", t)));
+        let heatmap = self.heatmap.iter().map(|h| ("heatmap.task", &h.task));
+        let named =
+            self.upstream.iter().map(|t| ("upstream", t)).chain(self.downstream.iter().map(|t| ("downstream", t)));
+        for (field, t) in named.chain(ablation_tasks).chain(heatmap) {
+            use std::path::Component;
+            let p = Path::new(t);
+            if t.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
+                bail!(
+                    "field '{field}': '{t}' must be a task directory's name relative to 'data' (no absolute path, \
+                     no '..'), as the bank is written under the output directory by that name"
+                );
+            }
+        }
+        // A value given twice would run (and average) the same cells twice, or train one bank module twice.
+        fn no_duplicates<T: PartialEq + std::fmt::Display>(field: &str, v: &[T]) -> Result<()> {
+            for (i, x) in v.iter().enumerate() {
+                if v[..i].contains(x) {
+                    bail!("field '{field}': '{x}' is listed twice");
+                }
+            }
+            Ok(())
+        }
+        no_duplicates("shots", &self.shots)?;
+        no_duplicates("methods", &self.methods)?;
+        no_duplicates("upstream", &self.upstream)?;
+        no_duplicates("downstream", &self.downstream)?;
+        if let Some(a) = &self.ablation {
+            no_duplicates("ablation.methods", &a.methods)?;
+            no_duplicates("ablation.sizes", &a.sizes)?;
+            no_duplicates("ablation.tasks", &a.tasks)?;
+            no_duplicates("ablation.retrieval_by", &a.retrieval_by)?;
+        }
+        // The plan holds one entry per cell: refuse counts whose plan could not even be held in memory.
+        let cells = self.planned_cells();
+        let draws = self.ablation.as_ref().map_or(0, |a| a.draws);
+        if cells.is_none_or(|n| n > MAX_CELLS) || self.seeds > MAX_CELLS || draws > MAX_CELLS {
+            bail!(
+                "fields 'seeds' / 'ablation.draws' ({} / {}) make {} cells, about {} bytes of plan alone \
+                 (~{PLAN_BYTES_PER_CELL} bytes a cell); at most {MAX_CELLS} cells",
+                self.seeds,
+                draws,
+                cells.map_or("more than 2^64".to_string(), |n| n.to_string()),
+                cells.map_or("more than 2^64".to_string(), |n| n.saturating_mul(PLAN_BYTES_PER_CELL).to_string())
+            );
+        }
         Ok(())
     }
+
+    /// Number of cells the config plans (main grid and ablation), `None` on overflow.
+    pub fn planned_cells(&self) -> Option<usize> {
+        let main = self
+            .downstream
+            .len()
+            .checked_mul(self.shots.len())?
+            .checked_mul(self.seeds)?
+            .checked_mul(self.methods.len())?;
+        let ablation = match &self.ablation {
+            None => 0,
+            Some(a) => {
+                let tasks = if a.tasks.is_empty() { self.downstream.len() } else { a.tasks.len() };
+                let sizes = if a.sizes.is_empty() { 64 } else { a.sizes.len() };
+                let per = 1 + if a.retrieval { a.retrieval_by.len() } else { 0 };
+                tasks.checked_mul(sizes)?.checked_mul(a.draws)?.checked_mul(a.methods.len())?.checked_mul(per)?
+            }
+        };
+        main.checked_add(ablation)
+    }
+}
+
+/// Most cells a sweep config may plan (the largest committed suite has a few thousand).
+pub const MAX_CELLS: usize = 10_000_000;
+/// Rough size of one planned cell (key, names, module list) for the error message.
+const PLAN_BYTES_PER_CELL: usize = 256;
+
+/// The arithmetic the sweep's cells are computed in (`--compute`, where the CPU has it): `"f32"` or `"bf16"`.
+pub fn compute_mode() -> &'static str {
+    if crate::engine::gemm::bf16_active() {
+        "bf16"
+    } else {
+        "f32"
+    }
+}
+
+fn f32_mode() -> String {
+    "f32".into()
 }
 
 /// One finished cell (a line of results.jsonl).
@@ -244,6 +331,9 @@ pub struct Cell {
     pub train_seconds: f64,
     #[serde(default)]
     pub weights: BTreeMap<String, Vec<f32>>,
+    /// The arithmetic the cell was computed in ([`compute_mode`]); lines written before it was recorded are f32.
+    #[serde(default = "f32_mode")]
+    pub compute: String,
 }
 
 /// Read results.jsonl; a torn last line (a kill mid-write) is cut off, any other bad line is an error. Only the
@@ -303,6 +393,7 @@ fn append_result(path: &Path, c: &Cell) -> Result<()> {
 fn sha256_files(paths: &[PathBuf]) -> Result<String> {
     let mut h = Sha256::new();
     for p in paths {
+        crate::util::ensure_regular(p)?;
         let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
         h.update(p.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default().as_bytes());
         h.update((bytes.len() as u64).to_le_bytes());
@@ -318,6 +409,19 @@ fn task_files(dir: &Path) -> Vec<PathBuf> {
         &["labels.txt", "train.jsonl", "valid.jsonl", "test.jsonl"]
     };
     names.iter().map(|f| dir.join(f)).collect()
+}
+
+/// The hash a bank module's directory is named by: the model's and the task's file hashes and every setting the
+/// trained module depends on — the bank settings, the token length it is trained with (`adapt.max_len`), the
+/// arithmetic (`compute`) and the loracomp version.
+pub fn bank_key(model_hash: &str, task_hash: &str, cfg: &SweepConfig, compute: &str) -> Result<String> {
+    let settings = serde_json::to_string(&json!({"bank": cfg.bank, "max_len": cfg.adapt.max_len, "compute": compute,
+                                                 "loracomp": env!("CARGO_PKG_VERSION")}))?;
+    let mut h = Sha256::new();
+    h.update(model_hash.as_bytes());
+    h.update(task_hash.as_bytes());
+    h.update(settings.as_bytes());
+    Ok(format!("{:x}", h.finalize()))
 }
 
 /// Sweep progress and options.
@@ -353,60 +457,14 @@ pub struct SweepOutput {
     pub reported: bool,
 }
 
-/// One sweep at a time per output directory: `DIR/.sweep.lock` holds the running sweep's process id, is created
-/// exclusively and removed when the sweep ends. A lock left by a process that no longer runs (killed) is taken over;
-/// one this process already holds is shared (the CLI takes it before touching the directory, then calls [`run`]).
-pub struct SweepLock(Option<PathBuf>);
-
-/// Whether process `pid` runs (Linux `/proc/PID/stat`): a zombie — killed, not yet reaped — does not.
-fn process_running(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    // "pid (comm) S ...": the state follows the last ')', as comm may hold spaces and parentheses.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
-    !matches!(state, Some('Z') | Some('X') | None)
-}
+/// One sweep at a time per output directory: `DIR/.sweep.lock` ([`crate::util::DirLock`]) holds the running
+/// sweep's process id. A lock left by a process that no longer runs (killed) is taken over; one this process
+/// already holds is shared (the CLI takes it before touching the directory, then calls [`run`]).
+pub struct SweepLock(#[allow(dead_code)] crate::util::DirLock);
 
 impl SweepLock {
     pub fn take(out: &Path) -> Result<Self> {
-        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-        let path = out.join(".sweep.lock");
-        for _ in 0..2 {
-            match std::fs::File::create_new(&path) {
-                Ok(mut f) => {
-                    use std::io::Write;
-                    write!(f, "{}", std::process::id()).with_context(|| format!("cannot write {}", path.display()))?;
-                    return Ok(SweepLock(Some(path)));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                    let pid: Option<u32> = holder.trim().parse().ok();
-                    if pid == Some(std::process::id()) {
-                        return Ok(SweepLock(None));
-                    }
-                    let alive = pid.is_some_and(process_running);
-                    if alive || !Path::new("/proc/self").exists() {
-                        bail!(
-                            "{}: another sweep (process {}) is writing to this directory; wait for it, or delete \
-                             the lock file if that process is gone",
-                            path.display(),
-                            holder.trim()
-                        );
-                    }
-                    // stale: its process was killed; take it over
-                    std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
-                }
-                Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
-            }
-        }
-        bail!("{}: could not take the sweep lock", path.display())
-    }
-}
-
-impl Drop for SweepLock {
-    fn drop(&mut self) {
-        if let Some(p) = &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
+        Ok(SweepLock(crate::util::DirLock::take(out, ".sweep.lock", "sweep")?))
     }
 }
 
@@ -494,15 +552,6 @@ pub struct Plan {
     pub tokens: f64,
 }
 
-/// The arithmetic results are computed in: `bf16` only where it is requested and the CPU does it.
-pub fn compute_mode() -> &'static str {
-    if crate::engine::gemm::bf16_active() {
-        "bf16"
-    } else {
-        "f32"
-    }
-}
-
 impl Plan {
     /// The plan of `cfg` (inputs hashed; bank modules and cells in their fixed order).
     pub fn new(cfg: &SweepConfig, out: &Path) -> Result<Plan> {
@@ -512,19 +561,13 @@ impl Plan {
         let version = env!("CARGO_PKG_VERSION");
         let compute = compute_mode();
         // The bank: trained once per (model, task data, settings, max_len, arithmetic, version).
-        let settings_json = serde_json::to_string(&cfg.bank)?;
         let mut bank = Vec::new();
         let mut bank_keys = BTreeMap::new();
         for up in &cfg.upstream {
             let tdir = cfg.data.join(up);
             let th = sha256_files(&task_files(&tdir))?;
             input_hashes.insert(format!("task:{up}"), th.clone());
-            let mut h = Sha256::new();
-            for part in [&model_hash, &th, &settings_json] {
-                h.update(part.as_bytes());
-            }
-            h.update(format!("max_len={}|compute={compute}|loracomp={version}", cfg.adapt.max_len).as_bytes());
-            let key = format!("{:x}", h.finalize());
+            let key = bank_key(&model_hash, &th, cfg, compute)?;
             let dir = out.join("bank").join(format!("{up}-{}", &key[..12]));
             let cost = super::shard::bank_cost(
                 cfg.bank.epochs,
@@ -729,8 +772,14 @@ pub fn run_config(config: &Path, out: &Path, opts: &SweepOpts, force: bool) -> R
     if !single && force {
         bail!("--force: not with --stage or --shard (other shards may be writing); start over with a plain sweep");
     }
+    let fresh = !out.join("config.toml").exists();
     save_config(out, config, &text, force)?;
-    run(&cfg, &text, out, opts)
+    let res = run(&cfg, &text, out, opts);
+    // A sweep that failed before any result leaves no config.toml of its own behind.
+    if res.is_err() && fresh && !has_results(out) {
+        let _ = std::fs::remove_file(out.join("config.toml"));
+    }
+    res
 }
 
 /// Save the config text in `out/config.toml`; a directory holding another config's results is refused unless
@@ -1042,6 +1091,7 @@ fn run_cells(
             trainable_params: r.trainable_params,
             train_seconds: r.train_seconds,
             weights: if m == Method::Learned { r.weights.into_iter().collect() } else { BTreeMap::new() },
+            compute: compute_mode().to_string(),
         };
         append_result(file, &cell)?;
         pb.println(&format!(
@@ -1139,7 +1189,49 @@ fn git_commit() -> Value {
 
 #[cfg(test)]
 mod tests {
-    use super::process_running;
+    use super::*;
+    use crate::util::process_running;
+
+    const BASE: &str = "name = \"t\"\nmodel = \"m\"\ndata = \"d\"\nupstream = [\"a\", \"b\"]\ndownstream = [\"c\"]\n\
+                        methods = [\"linear-probe\", \"learned\"]\nshots = [1, 2]\n";
+
+    fn parse_err(text: &str) -> String {
+        format!("{:#}", SweepConfig::parse(Path::new("x/sweep.toml"), text).unwrap_err())
+    }
+
+    #[test]
+    fn duplicates_escaping_task_names_and_unbounded_counts_are_refused() {
+        SweepConfig::parse(Path::new("x/sweep.toml"), BASE).unwrap();
+        for (from, to, needle) in [
+            ("shots = [1, 2]", "shots = [1, 2, 1]", "field 'shots': '1' is listed twice"),
+            ("\"learned\"]", "\"learned\", \"learned\"]", "field 'methods': 'learned' is listed twice"),
+            ("[\"a\", \"b\"]", "[\"a\", \"b\", \"a\"]", "field 'upstream': 'a' is listed twice"),
+            ("[\"c\"]", "[\"c\", \"c\"]", "field 'downstream': 'c' is listed twice"),
+            ("[\"a\", \"b\"]", "[\"a\", \"/tmp/evil\"]", "field 'upstream': '/tmp/evil' must be a task directory"),
+            ("[\"a\", \"b\"]", "[\"a\", \"../../evil\"]", "field 'upstream': '../../evil' must be"),
+            ("[\"c\"]", "[\"x/../../c\"]", "field 'downstream': 'x/../../c' must be"),
+        ] {
+            let text = BASE.replacen(from, to, 1);
+            assert_ne!(text, BASE, "{from}");
+            let e = parse_err(&text);
+            assert!(e.starts_with("x/sweep.toml: ") && e.contains(needle), "{e}");
+        }
+        let e = parse_err(&format!("{BASE}seeds = 1000000000000\n"));
+        assert!(e.contains("field") && e.contains("'seeds'") && e.contains("bytes of plan"), "{e}");
+        let e = parse_err(&format!("{BASE}[ablation]\nshots = 1\ndraws = 9223372036854775807\n"));
+        assert!(e.contains("'ablation.draws'") && e.contains("more than 2^64"), "{e}");
+    }
+
+    #[test]
+    fn the_bank_hash_covers_max_len_and_compute() {
+        let cfg = SweepConfig::parse(Path::new("x/sweep.toml"), BASE).unwrap();
+        let k = bank_key("m", "t", &cfg, "f32").unwrap();
+        let mut longer = cfg.clone();
+        longer.adapt.max_len = 64;
+        assert_ne!(k, bank_key("m", "t", &longer, "f32").unwrap());
+        assert_ne!(k, bank_key("m", "t", &cfg, "bf16").unwrap());
+        assert_eq!(k, bank_key("m", "t", &cfg.clone(), "f32").unwrap());
+    }
 
     /// A lock holder that was killed but not yet reaped (a zombie) counts as gone, so its lock is taken over.
     #[test]

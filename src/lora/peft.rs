@@ -29,10 +29,11 @@ pub enum Targets {
 }
 
 impl Targets {
-    /// PEFT's rule: a regex must match the whole module name; a list entry matches the name or its suffix
-    /// after a dot.
+    /// PEFT's rule (`check_target_module_exists`): a regex must match the whole module name; a list entry
+    /// matches the name or its suffix after a dot. `"all-linear"` stands for every linear layer.
     pub fn matches(&self, module: &str) -> Result<bool> {
         Ok(match self {
+            Targets::Regex(r) if r == "all-linear" => true,
             Targets::Regex(r) => {
                 let re = Regex::new(&format!("^(?:{r})$")).map_err(|e| anyhow!("target_modules regex: {e}"))?;
                 re.is_match(module)
@@ -218,6 +219,7 @@ impl Adapter {
             bail!("{}: adapter directory not found", dir.display());
         }
         let cpath = dir.join(CONFIG_FILE);
+        crate::util::ensure_regular(&cpath)?;
         let text = std::fs::read_to_string(&cpath).map_err(|e| anyhow!("cannot read {}: {e}", cpath.display()))?;
         let config = AdapterConfig::parse(&cpath, &text)?;
         let wpath = dir.join(WEIGHTS_FILE);
@@ -229,6 +231,14 @@ impl Adapter {
             bail!("{}: tensor '{k}' {why}", wpath.display());
         }
         let mut modules = BTreeMap::new();
+        // the key each module was read from, to refuse a module given twice (with and without `bert.`)
+        let mut key_of: BTreeMap<String, &str> = BTreeMap::new();
+        let exclude: Option<Targets> = match config.extra.get("exclude_modules") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| {
+                anyhow!("{}: field 'exclude_modules' must be a list of names or a regex: {e}", cpath.display())
+            })?),
+        };
         let mut head_w = None;
         let mut head_b = None;
         for (key, (shape, data)) in &tf.tensors {
@@ -246,6 +256,37 @@ impl Adapter {
                 }
                 let module = module_of(path).to_string();
                 let full = path.strip_prefix("base_model.model.").unwrap_or(path);
+                // PEFT applies a tensor only to a module its config targets; one it would not apply is refused
+                // rather than applied here and silently differently from PEFT.
+                let targeted = match &config.target_modules {
+                    Some(t) => t.matches(full).map_err(|e| anyhow!("{}: {e}", cpath.display()))?,
+                    None => true,
+                };
+                if !targeted {
+                    bail!(
+                        "{}: '{key}' is for module '{full}', which {}'s field 'target_modules' does not match; PEFT \
+                         would not apply it",
+                        wpath.display(),
+                        cpath.display()
+                    );
+                }
+                if let Some(x) = &exclude {
+                    if x.matches(full).map_err(|e| anyhow!("{}: exclude_modules {e}", cpath.display()))? {
+                        bail!(
+                            "{}: '{key}' is for module '{full}', which {}'s field 'exclude_modules' excludes; PEFT \
+                             would not apply it",
+                            wpath.display(),
+                            cpath.display()
+                        );
+                    }
+                }
+                if let Some(first) = key_of.insert(module.clone(), key) {
+                    bail!(
+                        "{}: module '{module}' is given twice, as '{first}' and as '{key}' (with and without a \
+                         model prefix); which one PEFT applies depends on the model class, refusing",
+                        wpath.display()
+                    );
+                }
                 let (r_cfg, scale) = config.rank_and_scale(full)?;
                 if r_cfg != shape[0] {
                     bail!(
@@ -293,6 +334,7 @@ impl Adapter {
         };
         let mpath = dir.join(LORACOMP_FILE);
         let meta = if mpath.exists() {
+            crate::util::ensure_regular(&mpath)?;
             let t = std::fs::read_to_string(&mpath).map_err(|e| anyhow!("cannot read {}: {e}", mpath.display()))?;
             Some(serde_json::from_str(&t).map_err(|e| anyhow!("{}: invalid JSON: {e}", mpath.display()))?)
         } else {

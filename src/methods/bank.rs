@@ -42,7 +42,19 @@ pub fn attach_fresh_lora(
 ) -> Result<Vec<String>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x4C6F_5241);
     let mut used = Vec::new();
-    for path in model.linear_paths() {
+    // Factors, gradients and two AdamW moments: 4 f32 per entry of A [r, in] and B [out, r] on every target,
+    // refused before anything is allocated when beyond the memory available.
+    let paths = model.linear_paths();
+    let entries: u128 = paths
+        .iter()
+        .filter(|p| targets.iter().any(|t| *p == t || p.ends_with(&format!(".{t}"))))
+        .filter_map(|p| model.linear_mut(p).map(|l| (l.din + l.dout) as u128))
+        .sum();
+    crate::util::check_fits(
+        entries.checked_mul(r as u128 * 16),
+        &format!("--rank {r}: the fresh LoRA (factors, gradients, AdamW moments)"),
+    )?;
+    for path in paths {
         if !targets.iter().any(|t| path == *t || path.ends_with(&format!(".{t}"))) {
             continue;
         }

@@ -8,7 +8,7 @@
 use super::task::TaskModel;
 use crate::lora::bank::BankLinear;
 use crate::lora::peft::{write_adapter, AdapterConfig, ExportModule};
-use anyhow::Result;
+use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -47,8 +47,16 @@ pub fn layer_factors(lin: &BankLinear) -> Option<(Vec<f32>, Vec<f32>, usize)> {
     Some((a, b, rt))
 }
 
-/// Truncated SVD of `B·A` to rank `k`: returns `(A_k, B_k, relative Frobenius error)`.
-pub fn compress(a: &[f32], b: &[f32], r: usize, din: usize, dout: usize, k: usize) -> (Vec<f32>, Vec<f32>, f64) {
+/// Truncated SVD of `B·A` to rank `k`: returns `(A_k, B_k, relative Frobenius error)`. A `ΔW` that holds NaN or
+/// Inf (factors that overflow) is refused before the SVD, whose iteration has no cap and would not end on it.
+pub fn compress(
+    a: &[f32],
+    b: &[f32],
+    r: usize,
+    din: usize,
+    dout: usize,
+    k: usize,
+) -> Result<(Vec<f32>, Vec<f32>, f64)> {
     let mut dw = vec![0.0f32; dout * din];
     crate::engine::gemm::matmul(
         dout,
@@ -62,12 +70,21 @@ pub fn compress(a: &[f32], b: &[f32], r: usize, din: usize, dout: usize, k: usiz
         0.0,
         &mut dw,
     );
+    if let Some(i) = dw.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "ΔW = B·A holds {} at row {}, column {} (the factors overflow f32); refusing the rank-{k} SVD",
+            dw[i],
+            i / din,
+            i % din
+        );
+    }
     let m = nalgebra::DMatrix::<f64>::from_fn(dout, din, |i, j| dw[i * din + j] as f64);
     let total = m.norm();
     let svd = m.svd(true, true);
-    let (u, vt) = (svd.u.unwrap(), svd.v_t.unwrap());
+    let (Some(u), Some(vt)) = (svd.u, svd.v_t) else { bail!("the SVD of ΔW returned no singular vectors") };
+    crate::util::ensure_finite(svd.singular_values.iter().copied(), "SVD of ΔW", "singular value")?;
     let mut idx: Vec<usize> = (0..svd.singular_values.len()).collect();
-    idx.sort_by(|&x, &y| svd.singular_values[y].partial_cmp(&svd.singular_values[x]).unwrap());
+    idx.sort_by(|&x, &y| svd.singular_values[y].total_cmp(&svd.singular_values[x]));
     let k = k.min(idx.len());
     let mut ak = vec![0.0f32; k * din];
     let mut bk = vec![0.0f32; dout * k];
@@ -83,7 +100,7 @@ pub fn compress(a: &[f32], b: &[f32], r: usize, din: usize, dout: usize, k: usiz
         }
     }
     let err = if total > 0.0 { ((total * total - kept).max(0.0)).sqrt() / total } else { 0.0 };
-    (ak, bk, err)
+    Ok((ak, bk, err))
 }
 
 /// Write `model`'s LoRA terms and head as a PEFT adapter in `dir`. Returns the per-layer relative error of
@@ -104,7 +121,8 @@ pub fn export_adapter(
         let Some((a, b, r)) = layer_factors(lin) else { continue };
         let (a, b, r) = match export_rank {
             Some(k) if k < r => {
-                let (ak, bk, err) = compress(&a, &b, r, lin.din, lin.dout, k);
+                let (ak, bk, err) = compress(&a, &b, r, lin.din, lin.dout, k)
+                    .map_err(|e| anyhow!("export of {} at --export-rank {k}: layer '{path}': {e}", dir.display()))?;
                 errors.insert(path.clone(), err);
                 (ak, bk, k)
             }
@@ -131,4 +149,22 @@ fn most_common(it: impl Iterator<Item = usize>) -> Option<usize> {
         *counts.entry(v).or_insert(0usize) += 1;
     }
     counts.into_iter().max_by_key(|&(v, c)| (c, std::cmp::Reverse(v))).map(|(v, _)| v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overflowing_delta_w_is_refused_before_the_svd_not_a_hang() {
+        // finite factors whose product overflows f32: B·A = [[inf, 0], [0, 0]] (rank 2 → 1)
+        let a = [1e30f32, 0.0, 0.0, 1.0];
+        let b = [1e30f32, 0.0, 0.0, 1.0];
+        let e = compress(&a, &b, 2, 2, 2, 1).unwrap_err().to_string();
+        assert!(e.contains("holds inf at row 0, column 0") && e.contains("rank-1 SVD"), "{e}");
+        // a finite ΔW still compresses, singular values sorted by total_cmp
+        let (ak, bk, err) = compress(&[1.0, 0.0, 0.0, 2.0], &[1.0, 0.0, 0.0, 1.0], 2, 2, 2, 1).unwrap();
+        assert_eq!((ak.len(), bk.len()), (2, 2));
+        assert!((err - (1.0f64 / 5.0).sqrt()).abs() < 1e-9, "{err}");
+    }
 }

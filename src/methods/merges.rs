@@ -12,22 +12,32 @@
 //! separately (same rank required) unless the `*_svd` variant is chosen, which merges `ΔW` and re-factorises
 //! it by SVD; loracomp merges the dense `ΔW` exactly, i.e. the `*_svd` semantics without the truncation.
 
+use anyhow::{anyhow, Result};
 use rand::{Rng, SeedableRng};
 
 /// Keep the `density` fraction of entries with the largest magnitude (ties at the threshold kept), zero the rest.
-pub fn trim(x: &[f32], density: f32) -> Vec<f32> {
+/// A NaN or infinite entry has no magnitude rank: an error naming its index.
+pub fn trim(x: &[f32], density: f32) -> Result<Vec<f32>> {
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        return Err(anyhow!("magnitude trim: entry {i} of the task vector is {}", x[i]));
+    }
     let k = ((x.len() as f64) * density.clamp(0.0, 1.0) as f64).round() as usize;
     if k >= x.len() {
-        return x.to_vec();
+        return Ok(x.to_vec());
     }
     if k == 0 {
-        return vec![0.0; x.len()];
+        return Ok(vec![0.0; x.len()]);
     }
     let mut mags: Vec<f32> = x.iter().map(|v| v.abs()).collect();
     let idx = x.len() - k;
-    mags.select_nth_unstable_by(idx, |a, b| a.partial_cmp(b).unwrap());
+    mags.select_nth_unstable_by(idx, |a, b| a.total_cmp(b));
     let thr = mags[idx];
-    x.iter().map(|&v| if v.abs() >= thr { v } else { 0.0 }).collect()
+    Ok(x.iter().map(|&v| if v.abs() >= thr { v } else { 0.0 }).collect())
+}
+
+/// [`trim`] of each task vector, the error naming the module.
+fn trim_all<'a>(vs: impl Iterator<Item = (usize, std::borrow::Cow<'a, [f32]>)>, density: f32) -> Result<Vec<Vec<f32>>> {
+    vs.map(|(n, v)| trim(&v, density).map_err(|e| anyhow!("module {n}: {e}"))).collect()
 }
 
 /// TIES merge of already-trimmed (or raw) task vectors: sign election by total mass, disjoint mean.
@@ -78,11 +88,13 @@ pub enum Merge {
 
 impl Merge {
     /// Merge one layer's task vectors with scale `lambda`; `seed` drives DARE's drops (per layer and module).
-    pub fn apply(&self, vs: &[Vec<f32>], lambda: f32, seed: u64) -> Vec<f32> {
-        match *self {
+    pub fn apply(&self, vs: &[Vec<f32>], lambda: f32, seed: u64) -> Result<Vec<f32>> {
+        use std::borrow::Cow;
+        let borrowed = || vs.iter().enumerate().map(|(n, v)| (n, Cow::Borrowed(v.as_slice())));
+        Ok(match *self {
             Merge::TaskArithmetic => linear(vs, lambda),
             Merge::Ties { density } => {
-                let t: Vec<Vec<f32>> = vs.iter().map(|v| trim(v, density)).collect();
+                let t = trim_all(borrowed(), density)?;
                 ties_merge(&t).into_iter().map(|v| v * lambda).collect()
             }
             Merge::DareLinear { p } => {
@@ -91,18 +103,16 @@ impl Merge {
                 linear(&d, lambda)
             }
             Merge::DareTies { p, density } => {
-                let d: Vec<Vec<f32>> = vs
-                    .iter()
-                    .enumerate()
-                    .map(|(n, v)| trim(&dare(v, p, seed.wrapping_add(n as u64 * 7919)), density))
-                    .collect();
+                let dropped =
+                    vs.iter().enumerate().map(|(n, v)| (n, Cow::Owned(dare(v, p, seed.wrapping_add(n as u64 * 7919)))));
+                let d = trim_all(dropped, density)?;
                 ties_merge(&d).into_iter().map(|v| v * lambda).collect()
             }
             Merge::MagnitudePrune { density } => {
-                let t: Vec<Vec<f32>> = vs.iter().map(|v| trim(v, density)).collect();
+                let t = trim_all(borrowed(), density)?;
                 linear(&t, lambda)
             }
-        }
+        })
     }
 }
 
@@ -112,9 +122,22 @@ mod tests {
 
     #[test]
     fn trim_keeps_the_largest_magnitudes() {
-        assert_eq!(trim(&[0.1, -3.0, 2.0, -0.5], 0.5), vec![0.0, -3.0, 2.0, 0.0]);
-        assert_eq!(trim(&[1.0, 2.0], 1.0), vec![1.0, 2.0]);
-        assert_eq!(trim(&[1.0, 2.0], 0.0), vec![0.0, 0.0]);
+        assert_eq!(trim(&[0.1, -3.0, 2.0, -0.5], 0.5).unwrap(), vec![0.0, -3.0, 2.0, 0.0]);
+        assert_eq!(trim(&[1.0, 2.0], 1.0).unwrap(), vec![1.0, 2.0]);
+        assert_eq!(trim(&[1.0, 2.0], 0.0).unwrap(), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn non_finite_task_vectors_are_an_error_naming_the_module_not_a_panic() {
+        let e = trim(&[0.1, f32::NAN, 2.0, -0.5], 0.5).unwrap_err().to_string();
+        assert_eq!(e, "magnitude trim: entry 1 of the task vector is NaN");
+        let vs = vec![vec![1.0, -2.0, 0.5], vec![0.5, f32::INFINITY, -3.0]];
+        for m in [Merge::Ties { density: 0.5 }, Merge::MagnitudePrune { density: 0.5 }] {
+            let e = m.apply(&vs, 1.0, 0).unwrap_err().to_string();
+            assert_eq!(e, "module 1: magnitude trim: entry 1 of the task vector is inf", "{m:?}");
+        }
+        let e = Merge::DareTies { p: 0.0, density: 0.5 }.apply(&vs, 1.0, 0).unwrap_err().to_string();
+        assert!(e.starts_with("module 1: magnitude trim"), "{e}");
     }
 
     #[test]
@@ -125,7 +148,7 @@ mod tests {
         let vs = vec![vec![1.0, -4.0, 0.0], vec![3.0, 1.0, 0.0], vec![-2.0, 0.0, 0.0]];
         assert_eq!(ties_merge(&vs), vec![2.0, -4.0, 0.0]);
         // full TIES with trimming at density 2/3 and λ = 0.5
-        let m = Merge::Ties { density: 2.0 / 3.0 }.apply(&[vec![1.0, -4.0, 0.1], vec![3.0, 1.0, 0.2]], 0.5, 0);
+        let m = Merge::Ties { density: 2.0 / 3.0 }.apply(&[vec![1.0, -4.0, 0.1], vec![3.0, 1.0, 0.2]], 0.5, 0).unwrap();
         // trimmed (2 of 3 kept): [1, -4, 0], [3, 1, 0]; signs: +, -, (none) → [2, -4, 0] · 0.5
         assert_eq!(m, vec![1.0, -2.0, 0.0]);
     }
@@ -144,8 +167,8 @@ mod tests {
     #[test]
     fn task_arithmetic_and_magnitude_prune() {
         let vs = vec![vec![1.0, -2.0, 0.5], vec![0.5, 1.0, -3.0]];
-        assert_eq!(Merge::TaskArithmetic.apply(&vs, 0.5, 0), vec![0.75, -0.5, -1.25]);
+        assert_eq!(Merge::TaskArithmetic.apply(&vs, 0.5, 0).unwrap(), vec![0.75, -0.5, -1.25]);
         // density 1/3 keeps one entry each: [0, -2, 0], [0, 0, -3]
-        assert_eq!(Merge::MagnitudePrune { density: 1.0 / 3.0 }.apply(&vs, 1.0, 0), vec![0.0, -2.0, -3.0]);
+        assert_eq!(Merge::MagnitudePrune { density: 1.0 / 3.0 }.apply(&vs, 1.0, 0).unwrap(), vec![0.0, -2.0, -3.0]);
     }
 }

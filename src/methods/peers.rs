@@ -175,7 +175,8 @@ pub fn dense_merge(
                 lin.delta_w(&w)
             })
             .collect();
-        merged.push((p.clone(), merge.apply(&tvs, 1.0, seed.wrapping_mul(1_000_003).wrapping_add(li as u64)), lin.din));
+        let m = merge.apply(&tvs, 1.0, seed.wrapping_mul(1_000_003).wrapping_add(li as u64))?;
+        merged.push((p.clone(), m, lin.din));
     }
     let apply = |model: &mut dyn TaskModel, lambda: f32| {
         for (p, m, din) in &merged {

@@ -145,7 +145,14 @@ impl Bert {
             bail!("{}: missing (loracomp reads weights from model.safetensors)", wpath.display());
         }
         let mut tf = TensorFile::open(&wpath)?;
-        Self::from_tensors(cfg, &mut tf)
+        let bert = Self::from_tensors(cfg, &mut tf)?;
+        // Everything under embeddings./encoder. (with or without `bert.`) must have been used; the pooler and the
+        // pre-training / task heads are not part of the encoder.
+        tf.refuse_unused(&dir.join("config.json"), |k| {
+            let k = k.strip_prefix("bert.").unwrap_or(k);
+            (k.starts_with("embeddings.") || k.starts_with("encoder.")) && k != "embeddings.position_ids"
+        })?;
+        Ok(bert)
     }
 
     /// Build from a config and a tensor file whose keys are `BertModel`'s, optionally prefixed by `bert.`.
@@ -371,6 +378,14 @@ impl Bert {
             );
         }
         Ok(&self.ws.hs[nl])
+    }
+
+    /// Where the most recent forward pass first held NaN or Inf: `"embeddings output"` or `"layer N output"`.
+    pub fn non_finite_stage(&self) -> Option<String> {
+        let nl = self.layers.len();
+        let l =
+            (0..=nl.min(self.ws.hs.len().saturating_sub(1))).find(|&l| self.ws.hs[l].iter().any(|v| !v.is_finite()))?;
+        Some(if l == 0 { "embeddings output".to_string() } else { format!("layer {} output", l - 1) })
     }
 
     /// The input of layer `l` (its attention projections' input) in the most recent forward pass.

@@ -41,6 +41,7 @@ fn default_types() -> usize {
 impl BertConfig {
     /// Read and validate `path` (a `config.json`). Errors name the file and the offending key.
     pub fn from_file(path: &Path) -> Result<Self> {
+        crate::util::ensure_regular(path)?;
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let cfg: BertConfig =
             serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid model config: {e}", path.display()))?;

@@ -29,6 +29,7 @@ pub struct ForwardInput {
 
 impl ForwardInput {
     pub fn load(path: &Path) -> Result<Self> {
+        crate::util::ensure_regular(path)?;
         let text = std::fs::read_to_string(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))?;
         let Value::Object(fields) = v else {
@@ -125,6 +126,44 @@ pub fn attach_all(
     Ok(())
 }
 
+/// Refuse an output that holds NaN or Inf: finite weights (or adapters) that overflow f32 give one, and printing
+/// it, or a metric or embedding computed from it, would be a result computed on NaN. `stage` names where it first
+/// appeared when the model can tell (`layer 3 output`).
+pub fn check_finite_output(data: &[f32], model_dir: &Path, what: &str, stage: Option<String>) -> Result<()> {
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        let at = stage.map(|s| format!(", first in the {s}")).unwrap_or_default();
+        bail!(
+            "{}: the model's {what} holds NaN/Inf ({} at index {i}{at}); do the weights overflow f32?",
+            model_dir.display(),
+            data[i]
+        );
+    }
+    Ok(())
+}
+
+/// Rough size of one forward pass's activations (f32): per position and layer ~16 hidden-wide and 4 MLP-wide
+/// buffers (inputs, outputs and caches), the attention scores (`heads · s²` per layer) and the logits.
+#[allow(clippy::too_many_arguments)]
+fn check_activations(
+    inp: &ForwardInput,
+    field: &str,
+    b: usize,
+    s: usize,
+    (d, inter, heads, layers, vocab): (usize, usize, usize, usize, usize),
+) -> Result<()> {
+    let (b, s) = (b as u128, s as u128);
+    let per_pos = (layers as u128) * (16 * d as u128 + 4 * inter as u128) + vocab as u128;
+    let bytes = b
+        .checked_mul(s)
+        .and_then(|bs| bs.checked_mul(per_pos))
+        .and_then(|x| x.checked_add(b.checked_mul(s)?.checked_mul(s)?.checked_mul(heads as u128 * layers as u128)?))
+        .and_then(|x| x.checked_mul(4));
+    crate::util::check_fits(
+        bytes,
+        &format!("{}: field '{field}': a forward pass of batch {b} × {s}", inp.path.display()),
+    )
+}
+
 /// Run the forward pass the model directory's architecture defines.
 pub fn run(model_dir: &Path, adapters: &[std::path::PathBuf], input: &Path, allow_mismatch: bool) -> Result<TensorOut> {
     let inp = ForwardInput::load(input)?;
@@ -177,10 +216,14 @@ fn bert_forward(
     } else {
         vec![0; b * s]
     };
+    let c = &bert.cfg;
+    let dims = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_hidden_layers, 0);
+    check_activations(inp, "input_ids", b, s, dims)?;
     let batch = Batch { batch: b, seq: s, ids: ids.iter().map(|&x| x as u32).collect(), types, mask };
     let d = bert.hidden();
-    let h = bert.forward(&batch)?;
-    Ok(TensorOut { shape: vec![b, s, d], data: h.to_vec() })
+    let h = bert.forward(&batch)?.to_vec();
+    check_finite_output(&h, model_dir, "last hidden state", bert.non_finite_stage())?;
+    Ok(TensorOut { shape: vec![b, s, d], data: h })
 }
 
 /// Llama: logits `[batch, seq, vocab]` (positions `0..seq` in every row, as transformers without position_ids).
@@ -211,9 +254,13 @@ fn llama_forward(
     } else {
         vec![1.0; b * s]
     };
+    let c = &model.cfg;
+    let dims = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_hidden_layers, c.vocab_size);
+    check_activations(inp, "input_ids", b, s, dims)?;
     let batch = LmBatch { batch: b, seq: s, ids: ids.iter().map(|&x| x as u32).collect(), mask };
-    let logits = model.forward(&batch)?;
-    Ok(TensorOut { shape: vec![b, s, vocab as usize], data: logits.to_vec() })
+    let logits = model.forward(&batch)?.to_vec();
+    check_finite_output(&logits, model_dir, "logits", None)?;
+    Ok(TensorOut { shape: vec![b, s, vocab as usize], data: logits })
 }
 
 /// T5: logits `[batch, dec_seq, vocab]` from `input_ids`, `attention_mask` (optional), `decoder_input_ids` and
@@ -251,6 +298,10 @@ fn t5_forward(model_dir: &Path, adapters: &[std::path::PathBuf], inp: &ForwardIn
     }
     let attention_mask = mask_field("attention_mask", b, s, "input_ids")?.unwrap_or_else(|| vec![1.0; b * s]);
     let decoder_attention_mask = mask_field("decoder_attention_mask", b, t, "decoder_input_ids")?;
+    let c = &model.cfg;
+    let dims =
+        (c.d_model.max(c.num_heads * c.d_kv), c.d_ff, c.num_heads, c.num_layers + c.decoder_layers(), c.vocab_size);
+    check_activations(inp, "input_ids + decoder_input_ids", b, s + t, dims)?;
     let batch = Seq2SeqBatch {
         batch: b,
         src_len: s,
@@ -261,8 +312,9 @@ fn t5_forward(model_dir: &Path, adapters: &[std::path::PathBuf], inp: &ForwardIn
         decoder_attention_mask,
     };
     let v = model.vocab();
-    let logits = model.forward(&batch)?;
-    Ok(TensorOut { shape: vec![b, t, v], data: logits.to_vec() })
+    let logits = model.forward(&batch)?.to_vec();
+    check_finite_output(&logits, model_dir, "logits", None)?;
+    Ok(TensorOut { shape: vec![b, t, v], data: logits })
 }
 
 /// ViT / DINOv2: last hidden state `[batch, 1 + patches, hidden]` from `pixel_values`.
@@ -277,7 +329,12 @@ fn vit_forward(
     attach_all(&mut vit, adapters, model_dir, allow)?;
     let px = pixel_values(inp)?;
     vit.check_pixels(&px).map_err(|e| anyhow!("{}: {e}", inp.path.display()))?;
+    let c = &vit.cfg;
+    let seq = 1 + (px.height / c.patch_size) * (px.width / c.patch_size);
+    let dims = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_hidden_layers, 0);
+    check_activations(inp, "pixel_values", px.batch, seq, dims)?;
     let h = vit.forward(&px)?.to_vec();
+    check_finite_output(&h, model_dir, "last hidden state", None)?;
     let (b, s) = vit.shape();
     Ok(TensorOut { shape: vec![b, s, vit.hidden()], data: h })
 }

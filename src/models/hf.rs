@@ -3,7 +3,7 @@
 use super::bert::Bert;
 use super::tokenize::TextEncoder;
 use crate::engine::kernels::{l2_normalize_rows, pool_forward, Pooling};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
 /// Default truncation length (tokens, special tokens included).
@@ -34,6 +34,7 @@ impl HfEncoder {
         batch_size: usize,
     ) -> Result<Vec<Vec<f32>>> {
         embed_texts(&mut self.bert, &self.tok, texts, pooling, normalize, batch_size)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.dir.display()))
     }
 }
 
@@ -55,6 +56,10 @@ pub fn embed_texts(
         let seqs: Vec<_> = chunk.iter().map(|&i| enc[i].clone()).collect();
         let batch = tok.pad(&seqs);
         let h = bert.forward(&batch)?;
+        if h.iter().any(|v| !v.is_finite()) {
+            let at = bert.non_finite_stage().map(|s| format!(", first in the {s}")).unwrap_or_default();
+            bail!("the model's output holds NaN/Inf{at}; do the weights overflow f32?");
+        }
         let mut pooled = vec![0.0; batch.batch * d];
         pool_forward(pooling, h, &batch.mask, batch.batch, batch.seq, d, &mut pooled);
         if normalize {

@@ -62,6 +62,7 @@ fn floats3(v: &Value, key: &str) -> Result<Vec<f32>> {
 impl Preprocessor {
     /// Read `path` (a `preprocessor_config.json`). Errors name the file and the key.
     pub fn from_file(path: &Path) -> Result<Self> {
+        crate::util::ensure_regular(path)?;
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))?;
         Self::from_json(&v).map_err(|e| anyhow!("{}: {e}", path.display()))
@@ -135,6 +136,8 @@ impl Preprocessor {
                     }
                 }
             };
+            let bytes = (c as u128).checked_mul(oh as u128).and_then(|n| n.checked_mul(ow as u128 * 8));
+            crate::util::check_fits(bytes, &format!("image resize to {oh}x{ow} (preprocessor_config.json 'size')"))?;
             x = resize(&x, c, h, w, oh, ow, rs);
             (h, w) = (oh, ow);
         }

@@ -96,6 +96,7 @@ impl ModelKind {
 }
 
 pub(crate) fn read_json(p: &Path) -> Result<serde_json::Value> {
+    crate::util::ensure_regular(p)?;
     let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
     serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", p.display()))
 }

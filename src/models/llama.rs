@@ -78,6 +78,7 @@ fn default_act() -> String {
 impl LlamaConfig {
     /// Read and validate `path` (a `config.json`). Errors name the file and the offending key.
     pub fn from_file(path: &Path) -> Result<Self> {
+        crate::util::ensure_regular(path)?;
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let cfg: LlamaConfig =
             serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid Llama config: {e}", path.display()))?;
@@ -317,7 +318,11 @@ impl Llama {
             bail!("{}: missing (loracomp reads weights from model.safetensors)", wpath.display());
         }
         let mut tf = TensorFile::open(&wpath)?;
-        Self::from_tensors(cfg, &mut tf)
+        let model = Self::from_tensors(cfg, &mut tf)?;
+        // Every `model.*` tensor must have been used (old checkpoints' rotary `inv_freq` buffers are recomputed);
+        // an `lm_head.weight` beside tied embeddings is ignored, as transformers ties it.
+        tf.refuse_unused(&dir.join("config.json"), |k| k.starts_with("model.") && !k.ends_with("rotary_emb.inv_freq"))?;
+        Ok(model)
     }
 
     /// Build from a validated config and a tensor file with `LlamaForCausalLM`'s keys.

@@ -83,6 +83,7 @@ pub enum Act {
 impl T5Config {
     /// Read and validate `path` (a `config.json`). Errors name the file and the offending key.
     pub fn from_file(path: &Path) -> Result<Self> {
+        crate::util::ensure_regular(path)?;
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let cfg: T5Config =
             serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid T5 config: {e}", path.display()))?;
@@ -306,7 +307,12 @@ impl T5 {
             bail!("{}: missing (loracomp reads weights from model.safetensors)", wpath.display());
         }
         let mut tf = TensorFile::open(&wpath)?;
-        Self::from_tensors(cfg, &mut tf)
+        let model = Self::from_tensors(cfg, &mut tf)?;
+        // Every encoder/decoder tensor must have been used; the stacks' `embed_tokens` are copies of `shared`.
+        tf.refuse_unused(&dir.join("config.json"), |k| {
+            (k.starts_with("encoder.") || k.starts_with("decoder.")) && !k.ends_with(".embed_tokens.weight")
+        })?;
+        Ok(model)
     }
 
     /// Build from a config and a tensor file with `T5ForConditionalGeneration`'s keys.

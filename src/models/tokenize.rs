@@ -23,6 +23,7 @@ impl TextEncoder {
         if !path.exists() {
             bail!("{}: missing (loracomp needs the fast tokenizer file)", path.display());
         }
+        crate::util::ensure_regular(&path)?;
         let mut tok = Tokenizer::from_file(&path).map_err(|e| anyhow!("{}: invalid tokenizer: {e}", path.display()))?;
         tok.with_padding(None);
         // The tokenizer's truncation panics (a subtraction overflows) when max_len cannot hold the special tokens.

@@ -66,6 +66,7 @@ fn size_pair(v: &Value) -> Option<(usize, usize)> {
 impl VitConfig {
     /// Read and validate `path` (a `config.json`). Errors name the file and the offending key.
     pub fn from_file(path: &Path) -> Result<Self> {
+        crate::util::ensure_regular(path)?;
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))?;
         Self::from_json(&v).map_err(|e| anyhow!("{}: {e}", path.display()))
@@ -427,7 +428,15 @@ impl Vit {
             bail!("{}: missing (loracomp reads weights from model.safetensors)", wpath.display());
         }
         let mut tf = TensorFile::open(&wpath)?;
-        Self::from_tensors(cfg, &mut tf)
+        let vit = Self::from_tensors(cfg, &mut tf)?;
+        // The embeddings, encoder layers and final LayerNorm must all have been used (DINOv2's mask token is a
+        // pre-training input loracomp never feeds; pooler and classifier heads are outside the encoder).
+        tf.refuse_unused(&dir.join("config.json"), |k| {
+            let k = k.strip_prefix("vit.").or_else(|| k.strip_prefix("dinov2.")).unwrap_or(k);
+            (k.starts_with("embeddings.") || k.starts_with("encoder.") || k.starts_with("layernorm."))
+                && k != "embeddings.mask_token"
+        })?;
+        Ok(vit)
     }
 
     /// Build from a config and a tensor file keyed as `ViTModel` / `Dinov2Model` (classic checkpoint names),

@@ -427,3 +427,241 @@ fn a_sweep_with_missing_inputs_writes_nothing() {
         fails(&["sweep", "--config", p.to_str().unwrap(), "--out", out.to_str().unwrap()], &n, &out);
     }
 }
+
+/// PEFT applies an adapter's tensors only to the modules `target_modules` matches, and each module once: a
+/// tensor for another module, or one module under two keys (with and without `bert.`), is refused.
+#[test]
+fn adapters_that_peft_would_apply_differently_are_refused() {
+    let e = Env::new("badcli-peftsem");
+    // a tensor for 'query' while target_modules lists only 'value'
+    let untargeted = e.d.join("untargeted");
+    adapter(&untargeted, 384, |c| c.target_modules = Some(loracomp::lora::peft::Targets::List(vec!["value".into()])));
+    e.adapt_fails(
+        &untargeted,
+        &["untargeted", "module 'bert.encoder.layer.0.attention.self.query'", "'target_modules' does not match"],
+    );
+    // a regex target_modules is a full match (PEFT's re.fullmatch)
+    let regex = e.d.join("regex");
+    adapter(&regex, 384, |c| c.target_modules = Some(loracomp::lora::peft::Targets::Regex("query".into())));
+    e.adapt_fails(&regex, &["regex", "'target_modules' does not match"]);
+    let full = e.d.join("regex-full");
+    adapter(&full, 384, |c| c.target_modules = Some(loracomp::lora::peft::Targets::Regex(r".*\.query".into())));
+    let out = e.d.join("out-regex-full");
+    let o = common::bin().args(e.adapt_args(&full, &out)).output().unwrap();
+    assert!(o.status.success(), "a full-match regex targets the module: {}", String::from_utf8_lossy(&o.stderr));
+    // excluded by exclude_modules
+    let excluded = e.d.join("excluded");
+    adapter(&excluded, 384, |c| _ = c.extra.insert("exclude_modules".into(), json!(["query"])));
+    e.adapt_fails(&excluded, &["excluded", "'exclude_modules' excludes"]);
+    // one module twice: with and without the `bert.` prefix
+    let twice = e.d.join("twice");
+    adapter(&twice, 384, |_| {});
+    let st = twice.join("adapter_model.safetensors");
+    let mut tf = loracomp::engine::weights::TensorFile::open(&st).unwrap();
+    let copies: Vec<_> = tf.tensors.iter().map(|(k, v)| (k.replace("model.bert.", "model."), v.clone())).collect();
+    tf.tensors.extend(copies);
+    loracomp::engine::weights::write_safetensors(&st, &tf.tensors, None).unwrap();
+    e.adapt_fails(&twice, &["twice", "module 'encoder.layer.0.attention.self.query' is given twice"]);
+}
+
+/// A PEFT adapter with a two-class head, for `eval`.
+fn adapter_with_head(dir: &Path, base: Option<String>) {
+    let (r, din, dout) = (2, 384, 384);
+    let mut modules = BTreeMap::new();
+    let a = (0..r * din).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.01).collect();
+    let b = (0..dout * r).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.01).collect();
+    modules.insert("encoder.layer.0.attention.self.query".to_string(), ExportModule { a, b, r, din, dout, alpha: 4.0 });
+    let cfg = AdapterConfig::new(r, 4.0, vec!["query".into()], base);
+    let w: Vec<f32> = (0..2 * din).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
+    let meta = json!({"labels": ["neg", "pos"], "pooling": "mean"});
+    write_adapter(dir, cfg, &modules, Some((&[2, din], &w, &[0.0, 0.0])), &meta).unwrap();
+}
+
+/// A copy of MiniLM whose layer-2 MLP weights are scaled so that its products overflow f32 (every weight stays
+/// finite, so loading accepts them).
+fn overflowing_minilm(dir: &Path) {
+    common::copy_dir(&common::minilm_dir(), dir);
+    let p = dir.join("model.safetensors");
+    let mut tf = loracomp::engine::weights::TensorFile::open(&p).unwrap();
+    for key in ["encoder.layer.2.intermediate.dense.weight", "encoder.layer.2.output.dense.weight"] {
+        tf.tensors.get_mut(key).unwrap().1.iter_mut().for_each(|v| *v *= 1e30);
+    }
+    loracomp::engine::weights::write_safetensors(&p, &tf.tensors, None).unwrap();
+}
+
+#[test]
+fn eval_and_embed_refuse_nan_outputs_and_eval_checks_the_base() {
+    let e = Env::new("badcli-eval");
+    let t = e.d.join("task");
+    let ad = e.d.join("ad");
+    adapter_with_head(&ad, None);
+    let eval = |model: &Path, adapter: &Path, extra: &[&str]| {
+        let mut c = common::bin();
+        c.args(["eval", "--model", model.to_str().unwrap(), "--task", t.to_str().unwrap()]);
+        c.args(["--adapter", adapter.to_str().unwrap()]).args(extra);
+        c.output().unwrap()
+    };
+    let o = eval(&e.m, &ad, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // logits computed on NaN: an error, not an accuracy
+    let bad = e.d.join("overflow");
+    overflowing_minilm(&bad);
+    let o = eval(&bad, &ad, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(o.stdout.is_empty(), "no metrics");
+    assert!(err.contains(bad.to_str().unwrap()) && err.contains("on test: the logit of class"), "{err}");
+    assert!(err.contains("(the encoder's output overflowed)"), "{err}");
+    // embed: the embedding of an overflowing model, named by the layer where it first happened
+    let o = common::bin().args(["embed", "--model", bad.to_str().unwrap(), "--text", "hello"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(o.stdout.is_empty());
+    assert!(err.contains("overflow: the model's output holds NaN/Inf, first in the layer 2 output"), "{err}");
+    // an adapter made for another base model, as adapt refuses it
+    let other = e.d.join("other");
+    adapter_with_head(&other, Some("bert-base-uncased".into()));
+    let o = eval(&e.m, &other, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("field 'base_model_name_or_path' is 'bert-base-uncased'"), "{err}");
+    assert!(err.contains("--allow-base-mismatch"), "{err}");
+    let o = eval(&e.m, &other, &["--allow-base-mismatch"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn text_pair_on_only_some_lines_is_refused() {
+    let e = Env::new("badcli-pair");
+    let good = e.d.join("good");
+    adapter(&good, 384, |_| {});
+    let t = e.d.join("task");
+    std::fs::write(
+        t.join("train.jsonl"),
+        "{\"text\": \"a\", \"text_pair\": \"b\", \"label\": \"pos\"}\n{\"text\": \"c\", \"label\": \"neg\"}\n",
+    )
+    .unwrap();
+    e.adapt_fails(&good, &["train.jsonl:2", "field 'text_pair' is absent, but line 1 has one"]);
+}
+
+/// Runs `cmd`, killing it after `secs`: whether it failed fast, not after a long training run.
+fn output_within(mut cmd: std::process::Command, secs: u64) -> std::process::Output {
+    let mut child =
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("spawn");
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed().as_secs() > secs {
+            child.kill().unwrap();
+            panic!("still running after {secs} s: the error was not reported before training");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn train_checks_every_input_and_its_output_before_training_and_locks_its_output() {
+    let e = Env::new("badcli-trainfirst");
+    let t = e.d.join("task");
+    let m = e.m.to_str().unwrap().to_string();
+    // a long run: only a check made before training fails within the time limit
+    let train = |out: &Path, steps: &str| {
+        let mut c = common::bin();
+        c.args(["train", "--model", &m, "--task", t.to_str().unwrap(), "--rank", "2", "--steps", steps]);
+        c.args(["--out", out.to_str().unwrap()]);
+        c
+    };
+    let file = e.d.join("a-file");
+    std::fs::write(&file, "keep me").unwrap();
+    let o = output_within(train(&file, "100000000"), 60);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("a-file: exists and is not a directory (--out names the output directory)"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+
+    std::fs::write(t.join("valid.jsonl"), "{\"text\": \"x\", \"label\": \"maybe\"}\n").unwrap();
+    let out = e.d.join("out");
+    let o = output_within(train(&out, "100000000"), 60);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("valid.jsonl:1: field 'label': 'maybe'"), "{err}");
+    assert!(!out.exists(), "nothing written");
+    task(&t, 2);
+
+    // a second train into the same --out while one runs (a live process holds the lock)
+    std::fs::create_dir_all(&out).unwrap();
+    let holder = std::process::id(); // this test process: alive
+    std::fs::write(out.join(".train.lock"), holder.to_string()).unwrap();
+    let o = output_within(train(&out, "1"), 60);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!(".train.lock: another train (process {holder}) is writing")), "{err}");
+    assert!(!out.join("metrics.json").exists());
+    std::fs::remove_file(out.join(".train.lock")).unwrap();
+
+    // a temporary left by a killed run is removed by the next successful one; the lock is released
+    let stale = out.join(".adapter_model.safetensors.4194303.tmp");
+    std::fs::write(&stale, "half a file").unwrap();
+    let o = output_within(train(&out, "1"), 300);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!stale.exists(), "stale temporary left behind");
+    assert!(!out.join(".train.lock").exists(), "lock left behind");
+}
+
+#[test]
+fn absurd_thread_counts_and_ranks_are_errors_with_the_estimate() {
+    let o = common::bin().args(["--threads", "100000000", "embed", "--model", "m", "--text", "x"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--threads 100000000") && err.contains("at most 4096") && err.contains("GiB of stack"),
+        "{err}"
+    );
+
+    let e = Env::new("badcli-bigrank");
+    let out = e.d.join("out");
+    let t = e.d.join("task");
+    let args = [
+        "adapt",
+        "--model",
+        e.m.to_str().unwrap(),
+        "--task",
+        t.to_str().unwrap(),
+        "--shots",
+        "1",
+        "--method",
+        "lora",
+        "--steps",
+        "1",
+        "--rank",
+        "1000000000000",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    fails(&args, &["--rank 1000000000000: the fresh LoRA", "needs about", "MemAvailable"], &out);
+    for lr in ["nan", "inf"] {
+        let o = common::bin().args(args).args(["--lr", lr]).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("--lr") && err.contains("not a finite number"), "{err}");
+    }
+}
+
+#[test]
+fn a_fifo_in_place_of_a_task_file_is_refused() {
+    let e = Env::new("badcli-fifo");
+    let good = e.d.join("good");
+    adapter(&good, 384, |_| {});
+    let t = e.d.join("task");
+    std::fs::remove_file(t.join("test.jsonl")).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(t.join("test.jsonl")).status().unwrap().success());
+    let out = e.d.join("out-good");
+    let args = e.adapt_args(&good, &out);
+    let mut c = common::bin();
+    c.args(&args);
+    let o = output_within(c, 60);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("test.jsonl: not a regular file"), "{err}");
+    assert!(!out.exists());
+}

@@ -90,3 +90,52 @@ fn missing_tokenizer_is_named() {
     let e = embed_err(&d);
     assert!(e.contains("tokenizer.json") && e.contains("invalid tokenizer"), "{e}");
 }
+
+/// config.json giving fewer layers than the weights hold used to run a shallower network without a word.
+#[test]
+fn weights_the_config_does_not_use_are_named() {
+    let d = with_config("fewer-layers", |v| v["num_hidden_layers"] = 1.into());
+    let e = embed_err(&d);
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("does not use")
+            && e.contains("'encoder.layer.1.")
+            && e.contains("config.json"),
+        "{e}"
+    );
+    // the pooler is not part of the encoder: a checkpoint with it still loads (fails later, on the tokenizer)
+    let d = with_config("pooler-ok", |_| {});
+    let e = embed_err(&d);
+    assert!(e.contains("tokenizer.json") && !e.contains("does not use"), "{e}");
+}
+
+/// A FIFO (or device) in place of a model file is refused before reading: reading a FIFO blocks for ever.
+#[test]
+fn a_fifo_in_place_of_a_model_file_is_refused() {
+    for f in ["config.json", "model.safetensors"] {
+        let d = common::tmpdir(&format!("fifo-{f}"));
+        common::copy_dir(&common::fixture("tiny-bert"), &d);
+        std::fs::remove_file(d.join(f)).unwrap();
+        assert!(std::process::Command::new("mkfifo").arg(d.join(f)).status().unwrap().success());
+        let mut child = common::bin()
+            .args(["embed", "--model"])
+            .arg(&d)
+            .args(["--text", "hello"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if t0.elapsed().as_secs() > 60 {
+                child.kill().unwrap();
+                panic!("{f}: loracomp blocked reading a FIFO");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{e}");
+        assert!(e.contains(&format!("{f}: not a regular file")), "{e}");
+    }
+}

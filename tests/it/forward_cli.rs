@@ -52,3 +52,59 @@ fn forward_bad_inputs_name_the_field() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+fn fails_with(model: &str, input: &str, tag: &str, needles: &[&str]) -> String {
+    let dir = std::env::temp_dir().join(format!("loracomp-fwd-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("in.json");
+    std::fs::write(&p, input).unwrap();
+    let out = bin().args(["forward", "--model", model, "--input"]).arg(&p).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "a panic or abort is not an error: {err}");
+    assert!(out.stdout.is_empty(), "no output computed on NaN");
+    for n in needles {
+        assert!(err.contains(n), "'{n}' not in: {err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    err
+}
+
+/// Finite weights whose products overflow f32 give NaN/Inf outputs; `forward` used to print them with exit 0.
+#[test]
+fn overflowing_weights_fail_forward_naming_the_layer() {
+    let d = std::env::temp_dir().join(format!("loracomp-fwd-overflow-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture(&format!("tiny-bert/{f}")), d.join(f)).unwrap();
+    }
+    let p = d.join("model.safetensors");
+    let mut tf = loracomp::engine::weights::TensorFile::open(&p).unwrap();
+    for key in ["encoder.layer.1.intermediate.dense.weight", "encoder.layer.1.output.dense.weight"] {
+        tf.tensors.get_mut(key).unwrap().1.iter_mut().for_each(|v| *v *= 1e30);
+    }
+    loracomp::engine::weights::write_safetensors(&p, &tf.tensors, None).unwrap();
+    let m = d.to_str().unwrap();
+    fails_with(m, r#"{"input_ids": [[2, 5, 7, 3]]}"#, "overflow", &["holds NaN/Inf", "first in the layer 1 output"]);
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// Batch × length (and image size) are estimated before anything is allocated, and refused with the estimate.
+#[test]
+fn inputs_too_large_for_memory_are_refused_with_the_estimate() {
+    let ids = vec!["0"; 300_000].join(",");
+    fails_with(
+        &fixture("tiny-llama"),
+        &format!(r#"{{"input_ids": [[{ids}]]}}"#),
+        "long",
+        &["in.json: field 'input_ids': a forward pass of batch 1 × 300000 needs about", "MemAvailable"],
+    );
+    let row = vec!["0"; 1024].join(",");
+    let plane = vec![format!("[{row}]"); 1024].join(",");
+    let px = vec![format!("[{plane}]"); 3].join(",");
+    fails_with(
+        &fixture("tiny-vit"),
+        &format!(r#"{{"pixel_values": [[{px}]]}}"#),
+        "image",
+        &["field 'pixel_values': a forward pass of batch 1 × 65537 needs about"],
+    );
+}

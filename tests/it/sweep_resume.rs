@@ -207,3 +207,66 @@ fn tasks_filter_runs_a_share_and_the_rest_resumes() {
     assert!(!report.contains("Partial") && report.contains("## Average over downstream tasks"), "{report}");
     assert!(!report.contains("modules_ablation"), "no ablation configured, none listed: {report}");
 }
+
+/// f32 and bf16 cells never mix in one directory (each cell records its arithmetic; manifest.json too), and a
+/// sweep that fails before any result leaves neither its config.toml nor the directory behind.
+#[test]
+fn compute_modes_do_not_mix_and_a_failed_sweep_leaves_nothing() {
+    let root = common::tmpdir("sweep-compute");
+    for (name, a, b) in [("up1", "fruit", "vehicle"), ("up2", "weather", "music"), ("down", "animal", "sky")] {
+        write_task(
+            &root.join("data").join(name),
+            &[
+                (a, ["one red thing", "a green one", "the ripe kind", "some sweet ones"]),
+                (b, ["x y", "y z", "z w", "w x"]),
+            ],
+        );
+    }
+    let text = config(&root, 1)
+        .replace("methods = [\"linear-probe\", \"uniform\", \"learned\", \"lora\"]", "methods = [\"linear-probe\"]")
+        .replace("shots = [1, 2]", "shots = [1]")
+        .replace("seeds = 2", "seeds = 1")
+        .replace("[ablation]\nshots = 1\ndraws = 2\n", "");
+    let cfg = root.join("sweep.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    let out = root.join("out");
+    let run = || {
+        common::bin()
+            .args(["--threads", "2", "sweep", "--quiet", "--config"])
+            .arg(&cfg)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    // a bank task whose validation split is bad: the sweep fails while training the bank
+    std::fs::write(root.join("data/up1/valid.jsonl"), "{\"text\": \"x\", \"label\": \"nope\"}\n").unwrap();
+    let o = run();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("valid.jsonl:1") && err.contains("'nope'"), "{err}");
+    assert!(!out.join("config.toml").exists(), "config.toml of a failed sweep left behind");
+    assert!(!out.exists(), "a failed sweep left {:?}", std::fs::read_dir(&out).map(|d| d.count()));
+    write_task(
+        &root.join("data/up1"),
+        &[("fruit", ["one red thing", "a green one", "the ripe kind", "some sweet ones"]), ("vehicle", ["x y"; 4])],
+    );
+
+    let o = run();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let mode = manifest["compute"].as_str().unwrap().to_string();
+    let lines = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    for l in lines.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["compute"], mode.as_str(), "{l}");
+    }
+    // Cells of the other arithmetic are another experiment: their keys carry the mode, so a run in one mode
+    // never counts the other's as done, and the report stage sets them aside
+    // (`sweep_shard::shards_merge_to_the_single_process_results` runs it with --compute bf16).
+    for l in lines.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(v["key"].as_str().unwrap().contains('|'), "{l}");
+    }
+}

@@ -326,7 +326,10 @@ fn killed_shard_resumes_without_duplicates() {
     ok(sweep(&cfg, &out, &["--stage", "bank"]));
     let file = out.join("shards/cells-0-of-2.jsonl");
     let mut kills = 0;
-    for delay_ms in [300u64, 700, 1100, 1500, 1900] {
+    // Each run is killed right after it appends a cell (or, for a first run, as soon as it has started one):
+    // a fixed delay would let a shard on a loaded machine finish before any kill.
+    for round in 0..5u64 {
+        let before = std::fs::metadata(&file).map_or(0, |m| m.len());
         let mut child = common::bin()
             .args(["--threads", "1", "sweep", "--quiet", "--config"])
             .arg(&cfg)
@@ -337,7 +340,16 @@ fn killed_shard_resumes_without_duplicates() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let t0 = std::time::Instant::now();
+        let limit = std::time::Duration::from_secs(120);
+        while child.try_wait().unwrap().is_none()
+            && std::fs::metadata(&file).map_or(0, |m| m.len()) == before
+            && t0.elapsed() < limit
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // a little into the next cell, at a different point each round
+        std::thread::sleep(std::time::Duration::from_millis(20 * round));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
             kills += 1;

@@ -171,7 +171,10 @@ fn adapter_naming_a_module_twice_or_a_missing_module_is_refused() {
             .replace(".attention.q_proj.", ".attention.attention.query.");
         t.insert(classic, v.clone());
     }
-    std::fs::copy(src.join("adapter_config.json"), dir.join("adapter_config.json")).unwrap();
+    // the classic names must be targeted too, or the adapter is refused first (PEFT would not apply them)
+    let mut cfg = read_json(&src.join("adapter_config.json"));
+    cfg["target_modules"].as_array_mut().unwrap().push("query".into());
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
     write_safetensors(&dir.join("adapter_model.safetensors"), &t, None).unwrap();
     let mut m = Vit::load(&fixture("tiny-vit")).unwrap();
     let err = attach_all(&mut m, std::slice::from_ref(&dir), &fixture("tiny-vit"), false).unwrap_err().to_string();
