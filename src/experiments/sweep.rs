@@ -44,6 +44,10 @@ pub struct BankSettings {
     pub epochs: usize,
     pub seed: u64,
     pub batch: usize,
+    /// Learning rate of the bank's LoRA factors (default: `train`'s, 1e-3). Left out of the bank hash when not
+    /// given, so banks trained before it existed are still found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f32>,
 }
 
 impl Default for BankSettings {
@@ -55,6 +59,7 @@ impl Default for BankSettings {
             epochs: 2,
             seed: 0,
             batch: 16,
+            lr: None,
         }
     }
 }
@@ -846,6 +851,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
                 let mut common = crate::app::Common::new(&cfg.model, cfg.data.join(&b.name));
                 common.seed = cfg.bank.seed;
                 common.batch = cfg.bank.batch;
+                common.lr = cfg.bank.lr;
                 common.max_len = cfg.adapt.max_len;
                 common.force = true;
                 // Step lines of each module in a log; on a terminal the bank's own bar is enough.
