@@ -700,8 +700,10 @@ pub fn eval(
     if let Some(labels) = adapter.labels() {
         if labels != task.labels {
             bail!(
-                "{}: the adapter's labels differ from {}/labels.txt",
+                "{}: the adapter's labels differ from {}/labels.txt; an adapter predicts the labels it was trained \
+                 for (a composition of bank adapters gets this task's with `compose --task {} --shots K`)",
                 adapter_dir.join(crate::lora::peft::LORACOMP_FILE).display(),
+                task_dir.display(),
                 task_dir.display()
             );
         }

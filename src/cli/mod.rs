@@ -30,8 +30,10 @@ pub enum SweepAction {
     /// Scripts go to OUT/slurm/, manifests to OUT/k8s/; prints the cells, estimated CPU-hours and shard sizes.
     #[command(group(clap::ArgGroup::new("target").required(true).args(["slurm", "k8s"])))]
     Submit {
+        /// Sweep config (TOML), copied to OUT/config.toml for the jobs.
         #[arg(long)]
         config: PathBuf,
+        /// Output directory on the filesystem every node shares (docs/scale-out.md).
         #[arg(long)]
         out: PathBuf,
         /// Submit to Slurm with sbatch.
@@ -343,6 +345,7 @@ pub enum Cmd {
         /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
         #[arg(long)]
         model: PathBuf,
+        /// Pooling of the last hidden state: mean or cls.
         #[arg(long, default_value = "mean")]
         pooling: Pooling,
         /// L2-normalise each embedding (as sentence-transformers models do).
@@ -357,7 +360,8 @@ pub enum Cmd {
         /// Truncate to this many tokens.
         #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
         max_len: usize,
-        #[arg(long, default_value_t = 32)]
+        /// Texts per forward pass (sorted by length to keep padding small).
+        #[arg(long, default_value_t = 32, value_parser = positive)]
         batch: usize,
     },
     /// One forward pass on transformers-style inputs (JSON: input_ids, attention_mask, token_type_ids,
@@ -449,8 +453,10 @@ pub enum Cmd {
         /// The shared vision data (cifar10/, mnist/, omniglot/).
         #[arg(long, default_value = "../shared/data/vision")]
         data: PathBuf,
+        /// Output directory of the task directories.
         #[arg(long, default_value = "tasks/vision")]
         out: PathBuf,
+        /// Seed of the per-class train / valid / test splits.
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -461,11 +467,13 @@ pub enum Cmd {
     Sweep {
         #[command(subcommand)]
         action: Option<SweepAction>,
+        /// Sweep config (TOML; keys in docs/formats.md; suites in experiments/*.toml).
         #[arg(long, required = true)]
         config: Option<PathBuf>,
+        /// Output directory (results.jsonl, report.md, plots, manifest.json, bank/); a sweep resumes there.
         #[arg(long, required = true)]
         out: Option<PathBuf>,
-        /// Logs only, no progress bars.
+        /// No progress on stderr (on a terminal a bar; elsewhere a line per finished cell and at least every 10 s).
         #[arg(long)]
         quiet: bool,
         /// Start over in an output directory that holds another config's results.
@@ -495,25 +503,32 @@ pub enum Cmd {
         /// Report directory.
         #[arg(long, default_value = "runs/demo")]
         out: PathBuf,
+        /// No progress on stderr.
         #[arg(long)]
         quiet: bool,
     },
     /// Time fixed workloads (median ms per step after warm-up).
     Bench {
+        /// Model shapes to time: minilm (all-MiniLM-L6-v2's), ref4 (4 layers, d 384), tiny.
         #[arg(long, value_delimiter = ',', default_value = "minilm,ref4")]
         workloads: Vec<String>,
+        /// Steps to time: forward, lora, uniform, learned, full.
         #[arg(long, value_delimiter = ',', default_value = "forward,lora,uniform,learned,full")]
         modes: Vec<String>,
         /// Bank sizes for the uniform and learned modes.
         #[arg(long, value_delimiter = ',', default_value = "8,64")]
         n: Vec<usize>,
+        /// Untimed steps before timing.
         #[arg(long, default_value_t = 3)]
         warmup: usize,
-        #[arg(long, default_value_t = 10)]
+        /// Timed steps (the median is reported).
+        #[arg(long, default_value_t = 10, value_parser = positive)]
         iters: usize,
-        #[arg(long, default_value_t = 16)]
+        /// Sequences per step.
+        #[arg(long, default_value_t = 16, value_parser = positive)]
         batch: usize,
-        #[arg(long, default_value_t = 64)]
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 64, value_parser = positive)]
         seq: usize,
         /// Seconds-long run of the tiny workload only (checks the output, not the timing).
         #[arg(long)]
