@@ -268,7 +268,17 @@ fn eval_split(common: &Common, task: &Task) -> Result<Option<String>> {
             }
             Ok(Some(s.clone()))
         }
-        None => Ok(task.has_split("test").then(|| "test".to_string())),
+        None if task.has_split("test") => Ok(Some("test".to_string())),
+        None => {
+            if !common.quiet {
+                eprintln!(
+                    "note: {} has no test split: nothing is evaluated after training (--eval-split valid or train \
+                     evaluates on another split)",
+                    task.dir.display()
+                );
+            }
+            Ok(None)
+        }
     }
 }
 
