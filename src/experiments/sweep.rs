@@ -1069,6 +1069,7 @@ fn run_cells(
         o.loop_opts.steps = cfg.adapt.steps;
         o.loop_opts.batch = cfg.adapt.batch;
         o.rank = cfg.adapt.lora_rank;
+        o.targets = lm.kind.default_targets();
         o.alpha = cfg.adapt.lora_alpha;
         if let Some(lr) = cfg.adapt.lr.get(method) {
             o.lr_body = *lr;

@@ -505,3 +505,33 @@ fn trained_generative_adapters_give_peft_answer_scores() {
         assert!(moved > 1e-2, "{name}: the adapter should change the scores ({moved})");
     }
 }
+
+/// A sweep on a generative model: bank, cells (the LoRA baseline on the architecture's own targets), report.
+#[test]
+fn a_sweep_runs_on_a_generative_model() {
+    let d = tmpdir("gen-sweep");
+    let m = model_dir(&d, "tiny-llama");
+    let data = d.join("data");
+    for (name, seed) in [("up1", 1), ("up2", 2), ("down", 0)] {
+        task_dir(&data, name, seed, true);
+    }
+    let cfg = d.join("sweep.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"gen\"\nmodel = \"{}\"\ndata = \"{}\"\nupstream = [\"up1\", \"up2\"]\ndownstream = [\"down\"]\n\
+             shots = [2]\nseeds = 1\nmethods = [\"lora\", \"uniform\", \"learned\"]\n\n[bank]\nrank = 2\nalpha = 4\n\
+             targets = [\"q_proj\", \"v_proj\"]\nepochs = 1\nbatch = 8\n\n[adapt]\nsteps = 3\nbatch = 4\nmax_len = 32\n\
+             eval_limit = 5\n",
+            m.display(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    let out = d.join("out");
+    let o = bin().args(["sweep", "--quiet", "--config"]).arg(&cfg).arg("--out").arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 3, "{lines}");
+    assert!(out.join("report.md").exists());
+}
