@@ -252,10 +252,7 @@ fn load_for(common: &Common, task: &Task) -> Result<(LoadedModel, Pooling)> {
             bail!("--lr-head applies to encoders; a {} model has no classification head", lm.kind.name());
         }
     }
-    let pooling = common.pooling.unwrap_or(match lm.kind {
-        ModelKind::Vit | ModelKind::Dinov2 => Pooling::Cls,
-        _ => Pooling::Mean,
-    });
+    let pooling = common.pooling.unwrap_or(lm.kind.default_pooling());
     Ok((lm, pooling))
 }
 
@@ -683,10 +680,7 @@ fn model_with_adapter(
     if lm.kind.is_generative() {
         lm.set_template(template)?;
     }
-    let pooling = pooling.unwrap_or(match lm.kind {
-        ModelKind::Vit | ModelKind::Dinov2 => Pooling::Cls,
-        _ => Pooling::Mean,
-    });
+    let pooling = pooling.unwrap_or(lm.kind.default_pooling());
     let mut net = crate::methods::task_net(lm.base(labels)?, lm.pad_id(), labels.len(), pooling, 0)?;
     crate::methods::bank::apply_adapter(net.as_dyn(), adapter, labels.len())?;
     Ok((lm, net))
@@ -824,10 +818,7 @@ pub fn compose(spec: &ComposeSpec) -> Result<Value> {
         bail!("--task and --shots go together: the head is trained on K examples per class of the task");
     }
     let mut lm = LoadedModel::load(&spec.model, crate::models::hf::DEFAULT_MAX_LEN)?;
-    let pooling = match lm.kind {
-        ModelKind::Vit | ModelKind::Dinov2 => Pooling::Cls,
-        _ => Pooling::Mean,
-    };
+    let pooling = lm.kind.default_pooling();
     let comp = |_: &str, _: usize| crate::lora::bank::Composition::Fixed(w.clone());
     let mut m = json!({
         "method": "compose",

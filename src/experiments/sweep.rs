@@ -1041,7 +1041,7 @@ fn run_cells(
     }
     let bank_all = load_bank(plan)?;
     let lm = LoadedModel::load(&cfg.model, cfg.adapt.max_len)?;
-    let default_pooling = if lm.is_image() { Pooling::Cls } else { Pooling::Mean };
+    let default_pooling = lm.kind.default_pooling();
     let mut tasks: HashMap<String, (Task, Examples, Vec<Encoded>)> = HashMap::new();
     let mut ran = Vec::new();
     let total = todo.len();
@@ -1128,7 +1128,7 @@ fn similarities(
     bank_all: &BTreeMap<String, Adapter>,
     quiet: bool,
 ) -> Result<Similarities> {
-    let default_pooling = if lm.is_image() { Pooling::Cls } else { Pooling::Mean };
+    let default_pooling = lm.kind.default_pooling();
     let mut similarity = BTreeMap::new();
     // Similarity of each upstream task to each downstream task: cosine of their mean base-model embeddings.
     let centroid = |lm: &mut LoadedModel, dir: &Path| -> Result<Vec<f32>> {

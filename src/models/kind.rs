@@ -75,6 +75,17 @@ impl ModelKind {
         matches!(self, ModelKind::Vit | ModelKind::Dinov2)
     }
 
+    /// Pooling when none is asked for: CLS for ViT / DINOv2 (how ViTs are pre-trained, `loracomp pretrain`
+    /// included), mean otherwise (sentence-transformers models; unused by generative models).
+    pub fn default_pooling(self) -> crate::engine::kernels::Pooling {
+        use crate::engine::kernels::Pooling;
+        if self.is_image() {
+            Pooling::Cls
+        } else {
+            Pooling::Mean
+        }
+    }
+
     /// The attention query and value projections, as PEFT's defaults name them for this architecture.
     pub fn default_targets(self) -> Vec<String> {
         let t: [&str; 2] = match self {
