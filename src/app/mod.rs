@@ -867,88 +867,17 @@ pub fn compose(spec: &ComposeSpec) -> Result<Value> {
         }
     };
     let head = spec.task.is_some();
-    let errors = if head || lm.kind.is_generative() {
-        crate::methods::export::export_adapter(
-            net.as_dyn(),
-            &spec.out,
-            Some(spec.model.display().to_string()),
-            lm.kind.peft_task_type(),
-            spec.export_rank,
-            &m,
-        )?
-    } else {
-        // An encoder adapter without a head: the LoRA terms only.
-        let mut stripped = NoHead(net.as_dyn());
-        crate::methods::export::export_adapter(
-            &mut stripped,
-            &spec.out,
-            Some(spec.model.display().to_string()),
-            None,
-            spec.export_rank,
-            &m,
-        )?
-    };
+    // An encoder's composition without a task has no trained head: its LoRA terms only.
+    let export = if head { crate::methods::export::export_adapter } else { crate::methods::export::export_lora_only };
+    let errors = export(
+        net.as_dyn(),
+        &spec.out,
+        Some(spec.model.display().to_string()),
+        lm.kind.peft_task_type(),
+        spec.export_rank,
+        &m,
+    )?;
     Ok(json!({"out": spec.out.display().to_string(), "weights": w, "head": head, "export_relative_error": errors}))
-}
-
-/// A task model seen without its head (export of a composition that has no trained head).
-struct NoHead<'a>(&'a mut dyn TaskModel);
-
-impl crate::lora::host::LinearHost for NoHead<'_> {
-    fn linear_paths(&self) -> Vec<String> {
-        self.0.linear_paths()
-    }
-    fn linear_mut(&mut self, path: &str) -> Option<&mut crate::lora::bank::BankLinear> {
-        self.0.linear_mut(path)
-    }
-    fn describe(&self) -> String {
-        self.0.describe()
-    }
-}
-
-impl TaskModel for NoHead<'_> {
-    fn classes(&self) -> usize {
-        self.0.classes()
-    }
-    fn has_head(&self) -> bool {
-        false
-    }
-    fn loss_backward(&mut self, items: &[&crate::methods::common::Encoded]) -> Result<f32> {
-        self.0.loss_backward(items)
-    }
-    fn class_scores(&mut self, items: &[&crate::methods::common::Encoded]) -> Result<Vec<f32>> {
-        self.0.class_scores(items)
-    }
-    fn criterion(&mut self, data: &[crate::methods::common::Encoded]) -> Result<f64> {
-        self.0.criterion(data)
-    }
-    fn train_head_only(
-        &mut self,
-        data: &[crate::methods::common::Encoded],
-        opts: &crate::methods::common::LoopOpts,
-        lr: f32,
-        eval_batch: usize,
-    ) -> Result<Vec<f32>> {
-        self.0.train_head_only(data, opts, lr, eval_batch)
-    }
-    fn trainable_params_mut(&mut self) -> Vec<(String, &mut crate::engine::param::Param)> {
-        self.0.trainable_params_mut()
-    }
-    fn set_base_trainable(&mut self, on: bool) {
-        self.0.set_base_trainable(on)
-    }
-    fn all_linears_mut(&mut self) -> Vec<&mut crate::lora::bank::BankLinear> {
-        self.0.all_linears_mut()
-    }
-    fn named_linears(&mut self) -> Vec<(String, &mut crate::lora::bank::BankLinear)> {
-        self.0.named_linears()
-    }
-    fn head(&self) -> Option<&crate::lora::bank::BankLinear> {
-        None
-    }
-    fn head_mut(&mut self) -> Option<&mut crate::lora::bank::BankLinear> {
-        None
-    }
 }
 
 /// Texts of a predict input file: one JSON object a line with `text` (and optionally `text_pair`).

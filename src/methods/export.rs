@@ -114,6 +114,30 @@ pub fn export_adapter(
     export_rank: Option<usize>,
     meta: &Value,
 ) -> Result<BTreeMap<String, f64>> {
+    export(model, dir, base, task_type, export_rank, meta, true)
+}
+
+/// [`export_adapter`] without the head: the LoRA terms only (a composition with no head trained for a task).
+pub fn export_lora_only(
+    model: &mut dyn TaskModel,
+    dir: &Path,
+    base: Option<String>,
+    task_type: Option<&str>,
+    export_rank: Option<usize>,
+    meta: &Value,
+) -> Result<BTreeMap<String, f64>> {
+    export(model, dir, base, task_type, export_rank, meta, false)
+}
+
+fn export(
+    model: &mut dyn TaskModel,
+    dir: &Path,
+    base: Option<String>,
+    task_type: Option<&str>,
+    export_rank: Option<usize>,
+    meta: &Value,
+    with_head: bool,
+) -> Result<BTreeMap<String, f64>> {
     let mut modules = BTreeMap::new();
     let mut errors = BTreeMap::new();
     for (path, lin) in model.named_linears() {
@@ -133,7 +157,7 @@ pub fn export_adapter(
     let r = most_common(modules.values().map(|m| m.r)).unwrap_or(8);
     let mut cfg = AdapterConfig::new(r, r as f64, Vec::new(), base);
     cfg.task_type = task_type.map(String::from);
-    match model.head() {
+    match model.head().filter(|_| with_head) {
         Some(h) => {
             let bias = h.bias.as_ref().map(|b| b.data.clone()).unwrap_or_else(|| vec![0.0; h.dout]);
             write_adapter(dir, cfg, &modules, Some((&h.w.shape, &h.w.data, &bias)), meta)?;
