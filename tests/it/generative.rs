@@ -13,56 +13,14 @@ use loracomp::models::encoder::{Base, LoadedModel};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
-/// Words of the test vocabulary after the special tokens; labels are among them.
-const WORDS: [&str; 24] = [
-    "red", "green", "blue", "apple", "grass", "sky", "cherry", "leaf", "sea", "fire", "moss", "ice", "the", "a", "is",
-    "very", "and", "of", "label", "text", "question", "answer", "this", "that",
-];
-
-/// A word-level `tokenizer.json`: T5 style (pad 0, `</s>` 1, unk 2, EOS appended) or Llama style (`<unk>` 0,
-/// `<s>` 1, `</s>` 2, BOS prepended).
-fn tokenizer_json(t5: bool) -> Value {
-    let specials: [&str; 3] = if t5 { ["<pad>", "</s>", "<unk>"] } else { ["<unk>", "<s>", "</s>"] };
-    let mut vocab = serde_json::Map::new();
-    for (i, w) in specials.iter().chain(WORDS.iter()).enumerate() {
-        vocab.insert(w.to_string(), json!(i));
-    }
-    let (special, id) = if t5 { ("</s>", 1) } else { ("<s>", 1) };
-    let seq = |x: &str| json!({"Sequence": {"id": x, "type_id": 0}});
-    let sp = json!({"SpecialToken": {"id": special, "type_id": 0}});
-    let (single, pair) = if t5 {
-        (json!([seq("A"), sp.clone()]), json!([seq("A"), seq("B"), sp]))
-    } else {
-        (json!([sp.clone(), seq("A")]), json!([sp, seq("A"), seq("B")]))
-    };
-    let added: Vec<Value> = specials
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": false, "special": true})
-        })
-        .collect();
-    json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": {"type": "Lowercase"},
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": {"type": "TemplateProcessing", "single": single, "pair": pair,
-            "special_tokens": {special: {"id": special, "ids": [id], "tokens": [special]}}},
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    })
-}
-
-/// The tiny fixture with a tokenizer, in `dir/<fixture name>` (so adapters' base_model_name_or_path match).
+/// The tiny fixture with a word-level tokenizer, in `dir/<fixture name>` (so adapters' base_model_name_or_path
+/// match). The tokenizers are the ones tools/make_rank_goldens.py writes: T5 style (pad 0, `</s>` 1, unk 2, EOS
+/// appended) or Llama style (`<unk>` 0, `<s>` 1, `</s>` 2, BOS prepended).
 fn model_dir(dir: &Path, name: &str) -> PathBuf {
     let m = dir.join(name);
     copy_dir(&fixture(name), &m);
-    let t5 = name.contains("t5");
-    std::fs::write(m.join("tokenizer.json"), tokenizer_json(t5).to_string()).unwrap();
+    let style = if name.contains("t5") { "tiny-t5" } else { "tiny-llama" };
+    std::fs::copy(fixture("rank").join(style).join("tokenizer.json"), m.join("tokenizer.json")).unwrap();
     m
 }
 
@@ -458,10 +416,8 @@ fn learned_composition_gradients_through_rank_classification_pass_finite_differe
 fn trained_generative_adapters_give_peft_answer_scores() {
     for name in ["tiny-t5", "tiny-llama"] {
         let d = tmpdir(&format!("gen-golden-{name}"));
-        let m = d.join(name);
-        copy_dir(&fixture(name), &m);
+        let m = model_dir(&d, name);
         let rank = fixture("rank").join(name);
-        std::fs::copy(rank.join("tokenizer.json"), m.join("tokenizer.json")).unwrap();
         let g: Value = serde_json::from_str(&std::fs::read_to_string(rank.join("golden.json")).unwrap()).unwrap();
         let labels: Vec<String> = serde_json::from_value(g["labels"].clone()).unwrap();
         let prompts: Vec<String> = serde_json::from_value(g["prompts"].clone()).unwrap();
