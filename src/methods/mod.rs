@@ -290,11 +290,7 @@ pub fn adapt_encoded_with(
                 let model = net.as_dyn();
                 let paths = uniform::prepare(model, bank)?;
                 let losses = peers::module_losses(model, &paths, bank.len(), train_enc)?;
-                for (n, l) in losses.iter().enumerate() {
-                    if !l.is_finite() {
-                        bail!("--by loss: the criterion of bank module {n} is {l} (not a finite number)");
-                    }
-                }
+                crate::util::ensure_finite(losses.iter().copied(), "--by loss", "bank module")?;
                 // The method attaches the chosen modules afresh: no layer keeps the whole bank.
                 for l in model.all_linears_mut() {
                     l.set_bank(Vec::new());

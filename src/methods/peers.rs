@@ -32,14 +32,13 @@ pub(crate) fn set_fixed(model: &mut dyn TaskModel, paths: &[String], w: &[f32]) 
     }
 }
 
-/// The index of the smallest value; an error naming `what` and the index when any value is not finite.
-pub(crate) fn argmin_finite(values: &[f64], what: &str) -> Result<usize> {
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        bail!("{what} {i} scores {} (not a finite number)", values[i]);
-    }
+/// The index of the smallest value; an error naming `source`, `item` and the index when any value is not finite
+/// ([`crate::util::ensure_finite`]).
+pub(crate) fn argmin_finite(values: &[f64], source: &str, item: &str) -> Result<usize> {
+    crate::util::ensure_finite(values.iter().copied(), source, item)?;
     (0..values.len())
         .min_by(|&a, &b| values[a].total_cmp(&values[b]))
-        .ok_or_else(|| anyhow::anyhow!("no {what} to choose from"))
+        .ok_or_else(|| anyhow::anyhow!("{source}: no {item} to choose from"))
 }
 
 /// LoraHub's objective for a weight vector and its prototype loss: loss + 0.05·mean|w|.
@@ -145,7 +144,7 @@ pub fn module_losses(model: &mut dyn TaskModel, paths: &[String], n: usize, data
 /// Pick the single module with the lowest head-free criterion; the layers keep only its weight.
 pub fn best_single(model: &mut dyn TaskModel, paths: &[String], n: usize, data: &[Encoded]) -> Result<Value> {
     let losses = module_losses(model, paths, n, data)?;
-    let best = argmin_finite(&losses, "best-single: module")?;
+    let best = argmin_finite(&losses, "best-single", "module")?;
     let mut w = vec![0.0f32; n];
     w[best] = 1.0;
     set_fixed(model, paths, &w);
@@ -195,7 +194,7 @@ pub fn dense_merge(
         apply(model, l);
         losses.push(model.criterion(data)?);
     }
-    let bi = argmin_finite(&losses, "dense merge: λ candidate")?;
+    let bi = argmin_finite(&losses, "dense merge", "λ candidate")?;
     apply(model, grid[bi]);
     Ok(json!({"lambda": grid[bi], "grid": grid, "losses": losses}))
 }
