@@ -815,6 +815,19 @@ pub fn save_config(out: &Path, config: &Path, text: &str, force: bool) -> Result
     crate::util::write_atomic(&saved, text.as_bytes())
 }
 
+/// The output of a run that drew no report: the cells it ran and the planned cells still without a result.
+fn unreported(cfg: &SweepConfig, plan: &Plan, out: &Path, ran: Vec<Cell>) -> Result<SweepOutput> {
+    let missing = missing_keys(plan, &collect_results(out)?);
+    Ok(SweepOutput {
+        cells: ran,
+        similarity: BTreeMap::new(),
+        cka: BTreeMap::new(),
+        bank_names: cfg.upstream.clone(),
+        missing,
+        reported: false,
+    })
+}
+
 /// Run (or resume) a sweep into `out`: every stage in one process (`opts.shard` `None`), or one shard's part
 /// of the stages `opts.stage` names.
 pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> Result<SweepOutput> {
@@ -909,15 +922,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
     }
 
     if !stages.contains(&Stage::Report) {
-        let missing = missing_keys(&plan, &collect_results(out)?);
-        return Ok(SweepOutput {
-            cells: ran,
-            similarity: BTreeMap::new(),
-            cka: BTreeMap::new(),
-            bank_names: cfg.upstream.clone(),
-            missing,
-            reported: false,
-        });
+        return unreported(cfg, &plan, out, ran);
     }
     // The report merges every shard into results.jsonl: one writer at a time.
     let _report_lock = match &_lock {
@@ -926,15 +931,7 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
             Ok(l) => Some(l),
             Err(e) if opts.stage.is_none() => {
                 log(&format!("report skipped ({e:#}); run `--stage report` when every shard is done"));
-                let missing = missing_keys(&plan, &collect_results(out)?);
-                return Ok(SweepOutput {
-                    cells: ran,
-                    similarity: BTreeMap::new(),
-                    cka: BTreeMap::new(),
-                    bank_names: cfg.upstream.clone(),
-                    missing,
-                    reported: false,
-                });
+                return unreported(cfg, &plan, out, ran);
             }
             Err(e) => return Err(e),
         },
