@@ -155,12 +155,18 @@ def compose(
     )
 
 
-def eval(*, model: PathLike, task: PathLike, adapter: PathLike, **options: Any) -> Dict[str, Any]:  # noqa: A001
+def eval(  # noqa: A001
+    *, model: PathLike, task: PathLike, adapter: Optional[PathLike] = None, **options: Any
+) -> Dict[str, Any]:
     """Evaluate an adapter on a task split (``loracomp eval``): ``{"accuracy", "macro_f1", "n", ...}``.
 
-    Options: ``split`` (test), ``max_len``, ``allow_base_mismatch``.
+    Without ``adapter`` a generative model (T5, Llama) is evaluated zero-shot, ranking the label strings; an
+    encoder needs its adapter (the head is in it).
+    Options: ``split`` (test), ``max_len``, ``allow_base_mismatch`` (with an adapter), ``template`` (without one).
     """
-    return json.loads(_loracomp.eval(model=model, task=task, adapter=adapter, **options))
+    if adapter is not None:
+        options["adapter"] = adapter
+    return json.loads(_loracomp.eval(model=model, task=task, **options))
 
 
 def predict(

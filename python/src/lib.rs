@@ -340,12 +340,14 @@ fn eval(py: Python<'_>, options: Option<&Bound<'_, PyDict>>) -> PyResult<String>
     let o = Opts::new("eval", options, py)?;
     let model = o.required_path("model")?;
     let task = o.required_path("task")?;
-    let adapter = o.required_path("adapter")?;
+    let adapter = o.path("adapter")?;
+    let template = o.string("template")?;
     let split = o.string("split")?.unwrap_or_else(|| "test".into());
     let max_len = o.positive("max_len")?.unwrap_or(loracomp::models::hf::DEFAULT_MAX_LEN);
     let allow = o.flag("allow_base_mismatch")?;
     o.finish()?;
-    let m = run(py, move || loracomp::app::eval(&model, &task, &adapter, &split, max_len, allow))?;
+    let target = loracomp::app::EvalTarget::new(adapter, allow, template).map_err(lc_err)?;
+    let m = run(py, move || loracomp::app::eval(&model, &task, &target, &split, max_len))?;
     json_text(&m)
 }
 

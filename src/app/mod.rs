@@ -686,41 +686,93 @@ fn model_with_adapter(
     Ok((lm, net))
 }
 
-/// Evaluate an adapter on a task split.
-pub fn eval(
-    model_dir: &Path,
-    task_dir: &Path,
-    adapter_dir: &Path,
-    split: &str,
-    max_len: usize,
-    allow_base_mismatch: bool,
-) -> Result<Value> {
+/// What `eval` evaluates: an adapter loracomp (or PEFT) wrote, or a generative model's frozen base.
+#[derive(Clone, Debug)]
+pub enum EvalTarget {
+    /// An adapter directory; its sidecar carries the labels, pooling and template it was trained with.
+    Adapter { dir: PathBuf, allow_base_mismatch: bool },
+    /// The frozen generative model itself, ranking the label strings with no adaptation (zero-shot). An encoder
+    /// has no head without an adapter, so it is refused. `template` as in `adapt --template`.
+    Base { template: Option<String> },
+}
+
+impl EvalTarget {
+    /// From `eval`'s options: an adapter when one is given, else the base. An option that does not apply to
+    /// the target is an error naming it.
+    pub fn new(adapter: Option<PathBuf>, allow_base_mismatch: bool, template: Option<String>) -> Result<Self> {
+        match adapter {
+            Some(dir) => {
+                if template.is_some() {
+                    bail!("--template applies to eval without --adapter; an adapter carries the template it was trained with");
+                }
+                Ok(EvalTarget::Adapter { dir, allow_base_mismatch })
+            }
+            None => {
+                if allow_base_mismatch {
+                    bail!("--allow-base-mismatch applies to an --adapter; without one the base itself is evaluated");
+                }
+                Ok(EvalTarget::Base { template })
+            }
+        }
+    }
+}
+
+/// Evaluate an adapter, or a generative model zero-shot, on a task split.
+pub fn eval(model_dir: &Path, task_dir: &Path, target: &EvalTarget, split: &str, max_len: usize) -> Result<Value> {
     if !matches!(split, "train" | "valid" | "test") {
         bail!("--split '{split}': expected train, valid or test");
     }
     let task = Task::open(task_dir)?;
-    let adapter = load_adapter(adapter_dir)?;
-    crate::lora::peft::check_base(&adapter, model_dir, allow_base_mismatch)?;
-    if let Some(labels) = adapter.labels() {
-        if labels != task.labels {
-            bail!(
-                "{}: the adapter's labels differ from {}/labels.txt; an adapter predicts the labels it was trained \
-                 for (a composition of bank adapters gets this task's with `compose --task {} --shots K`)",
-                adapter_dir.join(crate::lora::peft::LORACOMP_FILE).display(),
-                task_dir.display(),
-                task_dir.display()
-            );
+    let (lm, mut net, what) = match target {
+        EvalTarget::Adapter { dir: adapter_dir, allow_base_mismatch } => {
+            let adapter = load_adapter(adapter_dir)?;
+            crate::lora::peft::check_base(&adapter, model_dir, *allow_base_mismatch)?;
+            if let Some(labels) = adapter.labels() {
+                if labels != task.labels {
+                    bail!(
+                        "{}: the adapter's labels differ from {}/labels.txt; an adapter predicts the labels it was \
+                         trained for (a composition of bank adapters gets this task's with `compose --task {} \
+                         --shots K`)",
+                        adapter_dir.join(crate::lora::peft::LORACOMP_FILE).display(),
+                        task_dir.display(),
+                        task_dir.display()
+                    );
+                }
+            }
+            let (lm, net) = model_with_adapter(model_dir, &adapter, &task.labels, max_len)?;
+            (lm, net, json!({"adapter": adapter_dir.display().to_string()}))
         }
-    }
-    let (lm, mut net) = model_with_adapter(model_dir, &adapter, &task.labels, max_len)?;
+        EvalTarget::Base { template } => {
+            let mut lm = LoadedModel::load(model_dir, max_len)?;
+            if !lm.kind.is_generative() {
+                bail!(
+                    "{}: eval without --adapter evaluates a generative model zero-shot (ranking the label strings); \
+                     this is an encoder, whose classification head only an adapter provides: pass --adapter",
+                    model_dir.display()
+                );
+            }
+            lm.set_template(template.clone())?;
+            let pooling = lm.kind.default_pooling();
+            let net = crate::methods::task_net(lm.base(&task.labels)?, lm.pad_id(), task.labels.len(), pooling, 0)?;
+            (lm, net, json!({"adapter": Value::Null, "zero_shot": true}))
+        }
+    };
     check_kind(&lm.frontend, task.image.is_some()).map_err(|e| anyhow!("{}: {e}", task.dir.display()))?;
     let e = encode_examples(&lm.frontend, &task.examples(split)?)?;
     // Scores holding NaN/Inf are an error (class_scores), never an accuracy computed on them.
-    let pred = predict_all(net.as_dyn(), &e, 64)
-        .map_err(|err| anyhow!("{} with {} on {split}: {err}", model_dir.display(), adapter_dir.display()))?;
+    let pred = predict_all(net.as_dyn(), &e, 64).map_err(|err| match target {
+        EvalTarget::Adapter { dir, .. } => {
+            anyhow!("{} with {} on {split}: {err}", model_dir.display(), dir.display())
+        }
+        EvalTarget::Base { .. } => anyhow!("{} zero-shot on {split}: {err}", model_dir.display()),
+    })?;
     let s = score(&e.iter().map(|x| x.label).collect::<Vec<_>>(), &pred, task.labels.len());
-    Ok(json!({"task": task.name, "split": split, "adapter": adapter_dir.display().to_string(),
-              "accuracy": s.accuracy, "macro_f1": s.macro_f1, "n": s.n}))
+    let mut out = json!({"task": task.name, "split": split,
+                         "accuracy": s.accuracy, "macro_f1": s.macro_f1, "n": s.n});
+    for (k, v) in what.as_object().into_iter().flatten() {
+        out[k] = v.clone();
+    }
+    Ok(out)
 }
 
 /// One input of `predict`.

@@ -297,7 +297,8 @@ pub enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Evaluate an adapter (as written by train, adapt or compose) on a task split; prints metrics JSON.
+    /// Evaluate an adapter (as written by train, adapt or compose) on a task split, or without --adapter a
+    /// generative model zero-shot (ranking the label strings); prints metrics JSON.
     Eval {
         /// Hugging Face model directory.
         #[arg(long)]
@@ -305,9 +306,14 @@ pub enum Cmd {
         /// Task directory.
         #[arg(long)]
         task: PathBuf,
-        /// Adapter directory (a run's adapter/ folder).
+        /// Adapter directory (a run's adapter/ folder). Without it a generative model (T5, Llama) is evaluated
+        /// zero-shot; an encoder needs one (its head is in the adapter).
         #[arg(long)]
-        adapter: PathBuf,
+        adapter: Option<PathBuf>,
+        /// Prompt template of a generative model evaluated without --adapter, with {text} (and {text_pair})
+        /// [default: the bare text].
+        #[arg(long)]
+        template: Option<String>,
         /// Split to evaluate: train, valid or test.
         #[arg(long, default_value = "test", value_parser = ["train", "valid", "test"])]
         split: String,
@@ -677,8 +683,9 @@ fn run_command(cli: Cli) -> Result<()> {
             let m = crate::app::compose(&spec)?;
             println!("{}", serde_json::to_string_pretty(&m)?);
         }
-        Cmd::Eval { model, task, adapter, split, max_len, allow_base_mismatch } => {
-            let m = crate::app::eval(&model, &task, &adapter, &split, max_len, allow_base_mismatch)?;
+        Cmd::Eval { model, task, adapter, template, split, max_len, allow_base_mismatch } => {
+            let target = crate::app::EvalTarget::new(adapter, allow_base_mismatch, template)?;
+            let m = crate::app::eval(&model, &task, &target, &split, max_len)?;
             println!("{}", serde_json::to_string_pretty(&m)?);
         }
         Cmd::Predict { model, adapter, text, text_pair, input, max_len } => {

@@ -503,6 +503,12 @@ fn eval_and_embed_refuse_nan_outputs_and_eval_checks_the_base() {
     };
     let o = eval(&e.m, &ad, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // an encoder's head is in its adapter: no zero-shot evaluation
+    let o =
+        common::bin().args(["eval", "--model", e.m.to_str().unwrap(), "--task", t.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(o.stdout.is_empty() && err.contains("encoder") && err.contains("--adapter"), "{err}");
     // logits computed on NaN: an error, not an accuracy
     let bad = e.d.join("overflow");
     overflowing_minilm(&bad);

@@ -252,6 +252,36 @@ fn pipeline(name: &str) {
     ]);
     let ev = run(&["eval", "--model", ms, "--task", ds, "--adapter", out.to_str().unwrap()]);
     assert!(ev["accuracy"].as_f64().is_some());
+    // zero-shot: eval without an adapter ranks the labels with the frozen model, which is what an adapter of
+    // weight 0 leaves (ΔW = 0)
+    let zero = d.join("composed-zero");
+    run(&[
+        "compose",
+        "--model",
+        ms,
+        "--bank",
+        b[0],
+        b[1],
+        "--weights",
+        "0,0",
+        "--task",
+        ds,
+        "--shots",
+        "2",
+        "--out",
+        zero.to_str().unwrap(),
+    ]);
+    let ev0 = run(&["eval", "--model", ms, "--task", ds, "--adapter", zero.to_str().unwrap()]);
+    let zs = run(&["eval", "--model", ms, "--task", ds]);
+    assert_eq!(zs["zero_shot"], true);
+    assert_eq!((&zs["accuracy"], &zs["macro_f1"], &zs["n"]), (&ev0["accuracy"], &ev0["macro_f1"], &ev0["n"]));
+    let zt = run(&["eval", "--model", ms, "--task", ds, "--template", "{text}"]);
+    assert_eq!(zt["accuracy"], zs["accuracy"], "the default template is the bare text");
+    // options that do not apply to the target are errors naming them
+    let e = fails(&["eval", "--model", ms, "--task", ds, "--adapter", zero.to_str().unwrap(), "--template", "{text}"]);
+    assert!(e.contains("--template"), "{e}");
+    let e = fails(&["eval", "--model", ms, "--task", ds, "--allow-base-mismatch"]);
+    assert!(e.contains("--allow-base-mismatch"), "{e}");
 }
 
 #[test]
