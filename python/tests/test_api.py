@@ -208,6 +208,11 @@ def test_predict_matches_the_cli(work, adapted, cli):
     acc = np.mean([p["label"] == json.loads(x)["label"] for p, x in
                    zip(preds, (work["task"] / "test.jsonl").read_text().splitlines())])
     assert ev["accuracy"] == pytest.approx(acc)
+    # an encoder's head is in its adapter: no zero-shot evaluation; options that do not apply are errors
+    with pytest.raises(loracomp.LoracompError, match="--adapter"):
+        loracomp.eval(model=work["model"], task=work["task"])
+    with pytest.raises(loracomp.LoracompError, match="--template"):
+        loracomp.eval(model=work["model"], task=work["task"], adapter=adapter, template="{text}")
 
 
 def test_compose_matches_the_cli(work, cli, tmp_path):
