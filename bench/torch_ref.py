@@ -418,7 +418,10 @@ class LeanLlamaLayer(nn.Module):
         q = rope(self.q_proj(h).view(b, s, self.heads, self.hd).transpose(1, 2), cos, sin)
         k = rope(self.k_proj(h).view(b, s, self.kv, self.hd).transpose(1, 2), cos, sin)
         v = self.v_proj(h).view(b, s, self.kv, self.hd).transpose(1, 2)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        # KV heads repeated for their query heads, as transformers' sdpa path does
+        g = self.heads // self.kv
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.o_proj(a.transpose(1, 2).reshape(b, s, d))
         h = rms_norm(x, self.ln2)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -445,8 +448,9 @@ class LeanLlama(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin)
         logits = self.lm_head(rms_norm(x, self.norm))
-        shift = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-        return LossOut(F.cross_entropy(shift, labels[:, 1:].reshape(-1)), logits)
+        # labels shifted left (padded with -100) instead of the logits sliced: no copy of the [b, s, vocab] logits
+        shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        return LossOut(F.cross_entropy(logits.float().view(-1, logits.shape[-1]), shifted.reshape(-1)), logits)
 
 
 LEAN_NAMES = {  # transformers parameter name (regex) -> lean module's name
