@@ -197,10 +197,11 @@ def make_generative(workload: str, attn: str):
 def build(workload: str, attn: str, mode: str, n: int, impl: str, lean: bool = False, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     fam = family(workload)
+    # the lean model holds the transformers model's (random) weights, so both time the same numbers
     if fam == "bert":
-        model = Classifier(LeanBert(workload) if lean else make_bert(workload, attn))
+        model = Classifier(lean_from_transformers(workload)[1] if lean else make_bert(workload, attn))
     elif lean:
-        model = LeanT5(workload) if fam == "t5" else LeanLlama(workload)
+        model = lean_from_transformers(workload)[1]
     else:
         model = make_generative(workload, attn)
     model.eval()  # dropout is 0 anyway; eval for determinism
@@ -478,17 +479,14 @@ LEAN_NAMES = {  # transformers parameter name (regex) -> lean module's name
 }
 
 
-def check_lean(workload: str) -> float:
-    """Copy a transformers model's weights into the lean one and return the largest difference of their
-    outputs (BERT: last hidden state; T5, Llama: logits and loss) on a random batch, relative to the largest
-    output."""
+def lean_from_transformers(workload: str):
+    """(transformers model, lean model holding the same weights) of the workload's shape."""
     import re
 
     fam = family(workload)
     torch.manual_seed(0)
     hf = make_bert(workload, "sdpa") if fam == "bert" else make_generative(workload, "sdpa")
     lean = {"bert": LeanBert, "t5": LeanT5, "llama": LeanLlama}[fam](workload)
-    hf.eval()
     state = {}
     for name, t in hf.state_dict().items():
         if name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight") or "position_ids" in name:
@@ -498,6 +496,16 @@ def check_lean(workload: str) -> float:
             new = re.sub("^" + pat, rep, new)
         state[new] = t
     lean.load_state_dict(state, strict=True)
+    return hf, lean
+
+
+def check_lean(workload: str) -> float:
+    """Copy a transformers model's weights into the lean one and return the largest difference of their
+    outputs (BERT: last hidden state; T5, Llama: logits and loss) on a random batch, relative to the largest
+    output."""
+    fam = family(workload)
+    hf, lean = lean_from_transformers(workload)
+    hf.eval()
     gen = torch.Generator().manual_seed(1)
     vocab = WORKLOADS[workload][0] if fam != "bert" else VOCAB
     ids = torch.randint(2, vocab, (BATCH, SEQ), generator=gen)
