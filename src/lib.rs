@@ -5,7 +5,7 @@
 //! [`engine`] (GEMM, kernels, optimiser, safetensors) → [`lora`] (bank layer, PEFT I/O) → [`models`]
 //! (BERT, ViT/DINOv2, T5, Llama; [`models::kind::ModelKind`]) → [`data`] (task directories, [`data::Shots`]) →
 //! [`methods`] (the [`methods::task::TaskModel`] interface and one file per method) → [`app`] (plain specs:
-//! train, adapt, eval, compose, predict) → [`experiments`] (sweeps, reports, bench, demo) → [`cli`].
+//! train, adapt, eval, compose, predict) → [`experiments`] (sweeps, reports, bench, demo) → `cli`.
 //!
 //! The public API in four steps:
 //!
@@ -36,11 +36,17 @@
 //! [`methods::bank::attach_bank`] puts a bank on any model's linear layers with a
 //! [`lora::bank::Composition`], and [`methods::export::export_adapter`] writes the result as a PEFT adapter
 //! (`examples/compose.rs` composes two adapters this way).
+//!
+//! Cargo features: `cli` (default) adds the command-line front end (`cli`, clap, the `loracomp` binary),
+//! terminal progress bars (indicatif) and the sweep report's PNG/SVG plots (plotters). With
+//! `default-features = false` the whole library above is there; progress is printed as plain log lines and a
+//! sweep's report.md lists no plots, saying why.
 
 // Every `unsafe` block says why it is sound (`// SAFETY: …` right above it).
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod app;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod data;
 pub mod engine;

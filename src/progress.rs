@@ -1,7 +1,9 @@
 //! Progress of long work on stderr: a bar with ETA on a terminal; elsewhere (nohup, CI, Slurm logs) plain lines
 //! at each tenth of the work and at least every 10 s, e.g. `adapt learned: step 30/100 loss 0.41 elapsed 3s
-//! eta 7s`. Quiet progress prints nothing.
+//! eta 7s`. Quiet progress prints nothing. Built without the `cli` feature (no `indicatif`), a terminal gets the
+//! log lines too.
 
+#[cfg(feature = "cli")]
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
@@ -10,8 +12,12 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 
 enum Sink {
     Hidden,
+    #[cfg(feature = "cli")]
     Bar(indicatif::ProgressBar),
-    Log { last_line: Instant, last_tenth: u64 },
+    Log {
+        last_line: Instant,
+        last_tenth: u64,
+    },
 }
 
 /// Progress of `total` units of work named `what`.
@@ -30,17 +36,8 @@ impl Progress {
     pub fn new(total: usize, what: &str, unit: &'static str, quiet: bool) -> Self {
         let sink = if quiet || total == 0 {
             Sink::Hidden
-        } else if std::io::stderr().is_terminal() {
-            let pb = indicatif::ProgressBar::new(total as u64);
-            let style = indicatif::ProgressStyle::with_template(&format!(
-                "{what} [{{bar:30}}] {{pos}}/{{len}} {{elapsed}} eta {{eta}} {{msg}}"
-            ))
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> ");
-            pb.set_style(style);
-            Sink::Bar(pb)
         } else {
-            Sink::Log { last_line: Instant::now(), last_tenth: 0 }
+            terminal_bar(total as u64, what).unwrap_or(Sink::Log { last_line: Instant::now(), last_tenth: 0 })
         };
         Progress {
             what: what.to_string(),
@@ -61,6 +58,7 @@ impl Progress {
     /// Set the message shown after the counts (e.g. the current loss).
     pub fn set_message(&mut self, msg: impl Into<String>) {
         self.msg = msg.into();
+        #[cfg(feature = "cli")]
         if let Sink::Bar(pb) = &self.sink {
             pb.set_message(self.msg.clone());
         }
@@ -71,6 +69,7 @@ impl Progress {
         self.pos = (self.pos + n as u64).min(self.total);
         match &mut self.sink {
             Sink::Hidden => {}
+            #[cfg(feature = "cli")]
             Sink::Bar(pb) => pb.set_position(self.pos),
             Sink::Log { last_line, last_tenth } => {
                 let tenth = self.pos * 10 / self.total.max(1);
@@ -93,6 +92,7 @@ impl Progress {
     pub fn println(&self, line: &str) {
         match &self.sink {
             Sink::Hidden => {}
+            #[cfg(feature = "cli")]
             Sink::Bar(pb) => pb.println(line),
             Sink::Log { .. } => eprintln!("{line}"),
         }
@@ -100,10 +100,33 @@ impl Progress {
 
     /// Remove a terminal bar (log lines stay).
     pub fn finish(&self) {
+        #[cfg(feature = "cli")]
         if let Sink::Bar(pb) = &self.sink {
             pb.finish_and_clear();
         }
     }
+}
+
+/// A bar with ETA (`indicatif`) when stderr is a terminal.
+#[cfg(feature = "cli")]
+fn terminal_bar(total: u64, what: &str) -> Option<Sink> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    let style = indicatif::ProgressStyle::with_template(&format!(
+        "{what} [{{bar:30}}] {{pos}}/{{len}} {{elapsed}} eta {{eta}} {{msg}}"
+    ))
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    pb.set_style(style);
+    Some(Sink::Bar(pb))
+}
+
+/// Without the `cli` feature there is no bar: log lines everywhere.
+#[cfg(not(feature = "cli"))]
+fn terminal_bar(_total: u64, _what: &str) -> Option<Sink> {
+    None
 }
 
 impl Drop for Progress {

@@ -515,7 +515,8 @@ pub enum Cmd {
     },
     /// Time fixed workloads (median ms per step after warm-up).
     Bench {
-        /// Model shapes to time: minilm (all-MiniLM-L6-v2's), ref4 (4 layers, d 384), tiny.
+        /// Model shapes to time: minilm (all-MiniLM-L6-v2's), ref4 (4 layers, d 384), t5small (Flan-T5-small's),
+        /// llama4 (4 layers, d 512, grouped KV heads); tiny, t5tiny, llamatiny for smoke runs.
         #[arg(long, value_delimiter = ',', default_value = "minilm,ref4")]
         workloads: Vec<String>,
         /// Steps to time: forward, lora, uniform, learned, full.
@@ -536,7 +537,7 @@ pub enum Cmd {
         /// Tokens per sequence.
         #[arg(long, default_value_t = 64, value_parser = positive)]
         seq: usize,
-        /// Seconds-long run of the tiny workload only (checks the output, not the timing).
+        /// Seconds-long run of the tiny workloads only (tiny, t5tiny, llamatiny; checks the output, not the timing).
         #[arg(long)]
         smoke: bool,
         /// JSON lines only.
@@ -857,7 +858,7 @@ fn run_command(cli: Cli) -> Result<()> {
         Cmd::Bench { workloads, modes, n, warmup, iters, batch, seq, smoke, json, shapes, .. } => {
             let opts = if smoke {
                 bench::BenchOpts {
-                    workloads: vec!["tiny".into()],
+                    workloads: ["tiny", "t5tiny", "llamatiny"].map(String::from).to_vec(),
                     modes,
                     n_adapters: vec![2],
                     warmup: 1,

@@ -25,7 +25,7 @@ const N_WORDS: usize = 96;
 const N_GROUPS: usize = 24;
 const FILLER_START: usize = 2 * N_GROUPS;
 
-/// The generated tokenizer (WordLevel over `w0`…`w95`, [CLS]/[SEP] template), as a `tokenizer.json`.
+/// The generated tokenizer (WordLevel over `w0`…`w95`, `[CLS]`/`[SEP]` template), as a `tokenizer.json`.
 pub fn tokenizer_json() -> String {
     let mut vocab = serde_json::Map::new();
     for (i, t) in ["[PAD]", "[UNK]", "[CLS]", "[SEP]"].iter().enumerate() {

@@ -1,7 +1,11 @@
-//! report.md and plots (PNG and SVG through `plotters`) from a sweep's cells.
+//! report.md and plots (PNG and SVG through `plotters`) from a sweep's cells. Built without the `cli` feature
+//! (no `plotters`), report.md is written in full and its Plots section says that none were drawn.
 
 use super::sweep::{Cell, SweepConfig, SweepOutput};
-use anyhow::{anyhow, Result};
+#[cfg(feature = "cli")]
+use anyhow::anyhow;
+use anyhow::Result;
+#[cfg(feature = "cli")]
 use plotters::prelude::*;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -278,8 +282,12 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
         plots.push(file);
     }
     writeln!(md, "\n## Plots\n").unwrap();
-    for p in plots {
-        writeln!(md, "- {p}.png / .svg").unwrap();
+    if cfg!(feature = "cli") {
+        for p in plots {
+            writeln!(md, "- {p}.png / .svg").unwrap();
+        }
+    } else {
+        writeln!(md, "None drawn: this loracomp was built without its `cli` feature (plotters).").unwrap();
     }
     crate::util::write_atomic(&dir.join("report.md"), md.as_bytes())?;
     Ok(())
@@ -349,6 +357,7 @@ pub fn spearman(pairs: &[(f64, f64)], source: &str) -> Result<f64> {
 }
 
 /// Twelve distinguishable colours (the tab10 set, then two darker extras), so no two methods share a colour.
+#[cfg(feature = "cli")]
 const COLORS: [RGBColor; 12] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -364,10 +373,12 @@ const COLORS: [RGBColor; 12] = [
     RGBColor(0, 60, 120),
 ];
 
+#[cfg(feature = "cli")]
 fn e<E: std::fmt::Debug>(x: E) -> anyhow::Error {
     anyhow!("plot: {x:?}")
 }
 
+#[cfg(feature = "cli")]
 macro_rules! render {
     ($dir:expr, $name:expr, $size:expr, |$root:ident| $body:block) => {{
         let svg_path = $dir.join(format!("{}.svg", $name));
@@ -391,6 +402,7 @@ macro_rules! render {
     }};
 }
 
+#[cfg(feature = "cli")]
 fn line_plot(
     dir: &Path,
     name: &str,
@@ -447,6 +459,7 @@ fn line_plot(
 }
 
 /// Names without the prefix they all share up to a '-' or '_' (e.g. `clinc-`), for axis labels.
+#[cfg(feature = "cli")]
 fn strip_common_prefix(names: &[String]) -> Vec<String> {
     let Some(first) = names.first() else { return Vec::new() };
     let mut cut = 0;
@@ -464,6 +477,7 @@ fn strip_common_prefix(names: &[String]) -> Vec<String> {
     names.iter().map(|n| n[cut..].to_string()).collect()
 }
 
+#[cfg(feature = "cli")]
 fn heatmap(dir: &Path, c: &Cell) -> Result<()> {
     let rows: Vec<(&String, &Vec<f32>)> = c.weights.iter().collect();
     let nm = c.modules.len();
@@ -535,6 +549,7 @@ fn heatmap(dir: &Path, c: &Cell) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "cli")]
 fn scatter(dir: &Path, file: &str, what: &str, per_task: &BTreeMap<String, Vec<(f64, f64)>>) -> Result<()> {
     let all = per_task.values().flatten();
     let (xmin, xmax) = all.clone().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
@@ -569,10 +584,27 @@ fn scatter(dir: &Path, file: &str, what: &str, per_task: &BTreeMap<String, Vec<(
     Ok(())
 }
 
+/// Without the `cli` feature nothing is drawn (report.md says so); the data stay in report.md and results.jsonl.
+#[cfg(not(feature = "cli"))]
+fn line_plot(_: &Path, _: &str, _: &str, _: &str, _: &[String], _: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
+    Ok(())
+}
+
+#[cfg(not(feature = "cli"))]
+fn heatmap(_: &Path, _: &Cell) -> Result<()> {
+    Ok(())
+}
+
+#[cfg(not(feature = "cli"))]
+fn scatter(_: &Path, _: &str, _: &str, _: &BTreeMap<String, Vec<(f64, f64)>>) -> Result<()> {
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[cfg(feature = "cli")]
     fn failing_plot(dir: &Path) -> Result<()> {
         render!(dir, "broken", (64, 48), |root| {
             root.fill(&WHITE).map_err(e)?;
@@ -584,6 +616,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "cli")]
     fn a_plot_that_fails_half_way_leaves_no_temporary() {
         let d = std::env::temp_dir().join(format!("loracomp-plot-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();

@@ -48,7 +48,8 @@ pub fn lorahub_objective(loss: f64, w: &[f32]) -> f64 {
 
 /// LoraHub: CMA-ES ([`CmaEs`], default population) over module weights in [-1.5, 1.5] (initial mean 0, step
 /// 0.5; points are clamped to the box before scoring), objective [`lorahub_objective`], `generations`
-/// generations; the best point scored is kept. Each generation is scored together by [`score_population`].
+/// generations; the best point scored is kept. Each generation is scored together by
+/// [`score_population_in`](super::task::score_population_in).
 /// `compat` composes like LoraHub's code (Σ w A and Σ w B as one LoRA; all modules of a layer must share rank
 /// and scale) instead of the exact Σ w ΔW.
 #[allow(clippy::too_many_arguments)]
