@@ -5,7 +5,7 @@
 //! LoRAs attach to any of them by their module path (`encoder.layer.N.attention.self.query`, …).
 
 use super::config::BertConfig;
-use crate::engine::attention::{attention_backward, attention_forward, AttnShape};
+use crate::engine::attention::{attention_backward, attention_forward, AttnSpec};
 use crate::engine::kernels::{gelu_backward_inplace, gelu_forward, layernorm_backward, layernorm_forward, Gelu};
 use crate::engine::param::Param;
 use crate::engine::weights::TensorFile;
@@ -330,12 +330,7 @@ impl Bert {
             &mut ws.emb_mean,
             &mut ws.emb_rstd,
         );
-        let sh = AttnShape {
-            batch: batch.batch,
-            seq: batch.seq,
-            heads: self.cfg.num_attention_heads,
-            head_dim: self.cfg.head_dim(),
-        };
+        let sh = AttnSpec::new(batch.batch, batch.seq, self.cfg.num_attention_heads, self.cfg.head_dim());
         for (l, layer) in self.layers.iter_mut().enumerate() {
             let (before, after) = ws.hs.split_at_mut(l + 1);
             let x = &before[l];
@@ -344,7 +339,7 @@ impl Bert {
             layer.key.forward(x, t, sized(&mut c.k, t * d));
             layer.value.forward(x, t, sized(&mut c.v, t * d));
             sized(&mut c.probs, sh.probs_len());
-            attention_forward(sh, &c.q, &c.k, &c.v, &batch.mask, sized(&mut c.ctx, t * d), &mut c.probs);
+            attention_forward(sh, &c.q, &c.k, &c.v, &batch.mask, None, sized(&mut c.ctx, t * d), &mut c.probs);
             layer.attn_out.forward(&c.ctx, t, sized(&mut c.pre1, t * d));
             c.pre1.iter_mut().zip(x.iter()).for_each(|(a, b)| *a += b);
             sized(&mut c.mean1, t);
@@ -422,12 +417,7 @@ impl Bert {
                 None => return Ok(()),
             }
         };
-        let sh = AttnShape {
-            batch: batch.batch,
-            seq: batch.seq,
-            heads: self.cfg.num_attention_heads,
-            head_dim: self.cfg.head_dim(),
-        };
+        let sh = AttnSpec::new(batch.batch, batch.seq, self.cfg.num_attention_heads, self.cfg.head_dim());
         let ws = &mut self.ws;
         sized(&mut ws.dh, t * d).copy_from_slice(d_last);
         for l in (first..self.layers.len()).rev() {

@@ -14,10 +14,9 @@
 //! Library functions on top: the causal-LM loss on answer tokens (labels −100 elsewhere, shifted as
 //! transformers does) and rank classification (each candidate answer scored by its summed log-probability).
 
-use crate::engine::llama_ops::{
-    causal_attention_backward, causal_attention_forward, rmsnorm_backward, rmsnorm_forward, rope_apply,
-    swiglu_backward, swiglu_forward, GqaShape, Rope,
-};
+use crate::engine::attention::{attention_backward, attention_forward, AttnSpec};
+use crate::engine::kernels::{rmsnorm_backward, rmsnorm_forward};
+use crate::engine::llama_ops::{rope_apply, swiglu_backward, swiglu_forward, Rope};
 use crate::engine::param::Param;
 use crate::engine::weights::TensorFile;
 use crate::lora::bank::BankLinear;
@@ -481,14 +480,10 @@ impl Llama {
         self.cfg.vocab_size
     }
 
-    fn shape(&self, b: &LmBatch) -> GqaShape {
-        GqaShape {
-            batch: b.batch,
-            seq: b.seq,
-            heads: self.cfg.num_attention_heads,
-            kv_heads: self.cfg.kv_heads(),
-            head_dim: self.cfg.head_dim(),
-        }
+    /// Causal grouped-query self-attention, scale `1/√head_dim`.
+    fn shape(&self, b: &LmBatch) -> AttnSpec {
+        let (heads, head_dim) = (self.cfg.num_attention_heads, self.cfg.head_dim());
+        AttnSpec { kv_heads: self.cfg.kv_heads(), causal: true, ..AttnSpec::new(b.batch, b.seq, heads, head_dim) }
     }
 
     fn check_batch(&self, b: &LmBatch) -> Result<()> {
@@ -532,10 +527,10 @@ impl Llama {
             layer.q_proj.forward(&c.n1, t, sized(&mut c.q, t * qd));
             layer.k_proj.forward(&c.n1, t, sized(&mut c.k, t * kd));
             layer.v_proj.forward(&c.n1, t, sized(&mut c.v, t * kd));
-            rope_apply(&mut c.q, sh.seq, sh.heads, sh.head_dim, &ws.cos, &ws.sin, false);
-            rope_apply(&mut c.k, sh.seq, sh.kv_heads, sh.head_dim, &ws.cos, &ws.sin, false);
+            rope_apply(&mut c.q, sh.q_len, sh.heads, sh.head_dim, &ws.cos, &ws.sin, false);
+            rope_apply(&mut c.k, sh.q_len, sh.kv_heads, sh.head_dim, &ws.cos, &ws.sin, false);
             sized(&mut c.probs, sh.probs_len());
-            causal_attention_forward(sh, &c.q, &c.k, &c.v, &batch.mask, sized(&mut c.ctx, t * qd), &mut c.probs);
+            attention_forward(sh, &c.q, &c.k, &c.v, &batch.mask, None, sized(&mut c.ctx, t * qd), &mut c.probs);
             layer.o_proj.forward(&c.ctx, t, sized(&mut c.hmid, t * d));
             c.hmid.iter_mut().zip(x.iter()).for_each(|(a, b)| *a += b);
             sized(&mut c.rstd2, t);
@@ -606,7 +601,7 @@ impl Llama {
             rmsnorm_backward(&ws.dn, &c.hmid, &c.rstd2, &ln2.data, d, &mut ws.dhmid, true, dw);
             // attention: hmid = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = rms(x)
             layer.o_proj.backward(&c.ctx, &ws.dhmid, t, Some(sized(&mut ws.dctx, t * qd)), false);
-            causal_attention_backward(
+            attention_backward(
                 sh,
                 &c.q,
                 &c.k,
@@ -617,8 +612,8 @@ impl Llama {
                 sized(&mut ws.dk, t * kd),
                 sized(&mut ws.dv, t * kd),
             );
-            rope_apply(&mut ws.dq, sh.seq, sh.heads, sh.head_dim, &ws.cos, &ws.sin, true);
-            rope_apply(&mut ws.dk, sh.seq, sh.kv_heads, sh.head_dim, &ws.cos, &ws.sin, true);
+            rope_apply(&mut ws.dq, sh.q_len, sh.heads, sh.head_dim, &ws.cos, &ws.sin, true);
+            rope_apply(&mut ws.dk, sh.q_len, sh.kv_heads, sh.head_dim, &ws.cos, &ws.sin, true);
             let ln1 = &mut layer.input_layernorm;
             if need_dx || ln1.trainable() {
                 layer.q_proj.backward(&c.n1, &ws.dq, t, Some(&mut ws.dn), false);

@@ -13,7 +13,7 @@
 //! (`layers.N.attention.q_proj` for ViT, `encoder.layer.N.attention.q_proj` for DINOv2) and are mapped onto
 //! the canonical paths by [`LinearHost::resolve`].
 
-use crate::engine::attention::{attention_backward, attention_forward, AttnShape};
+use crate::engine::attention::{attention_backward, attention_forward, AttnSpec};
 use crate::engine::kernels::{
     gelu_backward_inplace, gelu_forward, layernorm_backward, layernorm_forward, pool_forward, Gelu, Pooling,
 };
@@ -805,7 +805,7 @@ impl Vit {
                 row[i] = src[i] + pos[s * d + i];
             }
         });
-        let sh = AttnShape { batch: b, seq, heads: self.cfg.num_attention_heads, head_dim: self.cfg.head_dim() };
+        let sh = AttnSpec::new(b, seq, self.cfg.num_attention_heads, self.cfg.head_dim());
         let mask = vec![1.0f32; t];
         for (l, layer) in self.layers.iter_mut().enumerate() {
             let (before, after) = ws.hs.split_at_mut(l + 1);
@@ -827,7 +827,7 @@ impl Vit {
             layer.key.forward(&cch.n1, t, sized(&mut cch.k, t * d));
             layer.value.forward(&cch.n1, t, sized(&mut cch.v, t * d));
             sized(&mut cch.probs, sh.probs_len());
-            attention_forward(sh, &cch.q, &cch.k, &cch.v, &mask, sized(&mut cch.ctx, t * d), &mut cch.probs);
+            attention_forward(sh, &cch.q, &cch.k, &cch.v, &mask, None, sized(&mut cch.ctx, t * d), &mut cch.probs);
             layer.attn_out.forward(&cch.ctx, t, sized(&mut cch.a, t * d));
             residual_scaled(x, &cch.a, layer.ls1.as_ref(), d, sized(&mut cch.h, t * d));
             sized(&mut cch.mean2, t);
@@ -908,7 +908,7 @@ impl Vit {
                 None => return Ok(()),
             }
         };
-        let sh = AttnShape { batch: b, seq, heads: self.cfg.num_attention_heads, head_dim: self.cfg.head_dim() };
+        let sh = AttnSpec::new(b, seq, self.cfg.num_attention_heads, self.cfg.head_dim());
         let ws = &mut self.ws;
         // Final LayerNorm.
         let lp = if self.ln_g.trainable() {
