@@ -5,6 +5,7 @@
 //! LoRAs attach to any of them by their module path (`encoder.layer.N.attention.self.query`, …).
 
 use super::config::BertConfig;
+use super::hf::{HfDir, HfModel};
 use crate::engine::attention::{attention_backward, attention_forward, AttnSpec};
 use crate::engine::kernels::{gelu_backward_inplace, gelu_forward, layernorm_backward, layernorm_forward, Gelu};
 use crate::engine::param::Param;
@@ -136,23 +137,7 @@ pub struct Bert {
 impl Bert {
     /// Load `dir/config.json` and `dir/model.safetensors`.
     pub fn load(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
-            bail!("{}: model directory not found", dir.display());
-        }
-        let cfg = BertConfig::from_file(&dir.join("config.json"))?;
-        let wpath = dir.join("model.safetensors");
-        if !wpath.exists() {
-            bail!("{}: missing (loracomp reads weights from model.safetensors)", wpath.display());
-        }
-        let mut tf = TensorFile::open(&wpath)?;
-        let bert = Self::from_tensors(cfg, &mut tf)?;
-        // Everything under embeddings./encoder. (with or without `bert.`) must have been used; the pooler and the
-        // pre-training / task heads are not part of the encoder.
-        tf.refuse_unused(&dir.join("config.json"), |k| {
-            let k = k.strip_prefix("bert.").unwrap_or(k);
-            (k.starts_with("embeddings.") || k.starts_with("encoder.")) && k != "embeddings.position_ids"
-        })?;
-        Ok(bert)
+        HfDir::open(dir)?.load()
     }
 
     /// Build from a config and a tensor file whose keys are `BertModel`'s, optionally prefixed by `bert.`.
@@ -586,5 +571,21 @@ impl crate::lora::host::LinearHost for Bert {
     }
     fn describe(&self) -> String {
         format!("BERT encoder with {} layers", self.layers.len())
+    }
+}
+
+impl HfModel for Bert {
+    type Config = BertConfig;
+    fn config(v: &serde_json::Value) -> Result<BertConfig> {
+        BertConfig::from_json(v)
+    }
+    fn from_tensors(cfg: BertConfig, tf: &mut TensorFile) -> Result<Self> {
+        Bert::from_tensors(cfg, tf)
+    }
+    /// Everything under embeddings./encoder. (with or without `bert.`); the pooler and the pre-training / task
+    /// heads are not part of the encoder.
+    fn owns(k: &str) -> bool {
+        let k = k.strip_prefix("bert.").unwrap_or(k);
+        (k.starts_with("embeddings.") || k.starts_with("encoder.")) && k != "embeddings.position_ids"
     }
 }

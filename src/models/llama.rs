@@ -14,13 +14,14 @@
 //! Library functions on top: the causal-LM loss on answer tokens (labels −100 elsewhere, shifted as
 //! transformers does) and rank classification (each candidate answer scored by its summed log-probability).
 
+use super::hf::{HfDir, HfModel};
 use crate::engine::attention::{attention_backward, attention_forward, AttnSpec};
 use crate::engine::kernels::{rmsnorm_backward, rmsnorm_forward};
 use crate::engine::llama_ops::{rope_apply, swiglu_backward, swiglu_forward, Rope};
 use crate::engine::param::Param;
 use crate::engine::weights::TensorFile;
 use crate::lora::bank::BankLinear;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use rayon::prelude::*;
 use serde::Deserialize;
 use serde_json::Value;
@@ -75,13 +76,10 @@ fn default_act() -> String {
 }
 
 impl LlamaConfig {
-    /// Read and validate `path` (a `config.json`). Errors name the file and the offending key.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        crate::util::ensure_regular(path)?;
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let cfg: LlamaConfig =
-            serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid Llama config: {e}", path.display()))?;
-        cfg.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    /// The fields of a parsed `config.json`, validated. Errors name the offending key.
+    pub fn from_json(v: &Value) -> Result<Self> {
+        let cfg = LlamaConfig::deserialize(v).map_err(|e| anyhow!("invalid Llama config: {e}"))?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -308,20 +306,7 @@ pub struct Llama {
 impl Llama {
     /// Load `dir/config.json` and `dir/model.safetensors`.
     pub fn load(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
-            bail!("{}: model directory not found", dir.display());
-        }
-        let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let wpath = dir.join("model.safetensors");
-        if !wpath.exists() {
-            bail!("{}: missing (loracomp reads weights from model.safetensors)", wpath.display());
-        }
-        let mut tf = TensorFile::open(&wpath)?;
-        let model = Self::from_tensors(cfg, &mut tf)?;
-        // Every `model.*` tensor must have been used (old checkpoints' rotary `inv_freq` buffers are recomputed);
-        // an `lm_head.weight` beside tied embeddings is ignored, as transformers ties it.
-        tf.refuse_unused(&dir.join("config.json"), |k| k.starts_with("model.") && !k.ends_with("rotary_emb.inv_freq"))?;
-        Ok(model)
+        HfDir::open(dir)?.load()
     }
 
     /// Build from a validated config and a tensor file with `LlamaForCausalLM`'s keys.
@@ -809,5 +794,20 @@ impl crate::lora::host::LinearHost for Llama {
     }
     fn describe(&self) -> String {
         format!("Llama decoder with {} layers", self.layers.len())
+    }
+}
+
+impl HfModel for Llama {
+    type Config = LlamaConfig;
+    fn config(v: &Value) -> Result<LlamaConfig> {
+        LlamaConfig::from_json(v)
+    }
+    fn from_tensors(cfg: LlamaConfig, tf: &mut TensorFile) -> Result<Self> {
+        Llama::from_tensors(cfg, tf)
+    }
+    /// Every `model.*` tensor (old checkpoints' rotary `inv_freq` buffers are recomputed); an `lm_head.weight`
+    /// beside tied embeddings is ignored, as transformers ties it.
+    fn owns(k: &str) -> bool {
+        k.starts_with("model.") && !k.ends_with("rotary_emb.inv_freq")
     }
 }

@@ -17,14 +17,16 @@
 //! classification is rank classification ([`T5::label_log_probs`], [`T5::rank_classify`]): each label string
 //! is scored by its summed log-probability under teacher forcing and the best one wins.
 
+use super::hf::{HfDir, HfModel};
 use crate::engine::attention::{attention_backward, attention_forward, AttnSpec};
 use crate::engine::kernels::{gelu_backward_inplace, gelu_forward, rmsnorm_backward, rmsnorm_forward, Gelu};
 use crate::engine::param::Param;
 use crate::engine::t5_ops::{position_bias, relu_backward_inplace, relu_forward};
 use crate::engine::weights::TensorFile;
 use crate::lora::bank::BankLinear;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
+use serde_json::Value;
 use std::path::Path;
 
 /// The fields of a T5 `config.json` that loracomp uses. Unknown fields are ignored, as transformers does.
@@ -79,13 +81,10 @@ pub enum Act {
 }
 
 impl T5Config {
-    /// Read and validate `path` (a `config.json`). Errors name the file and the offending key.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        crate::util::ensure_regular(path)?;
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let cfg: T5Config =
-            serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid T5 config: {e}", path.display()))?;
-        cfg.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    /// The fields of a parsed `config.json`, validated. Errors name the offending key.
+    pub fn from_json(v: &Value) -> Result<Self> {
+        let cfg = T5Config::deserialize(v).map_err(|e| anyhow!("invalid T5 config: {e}"))?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -296,21 +295,7 @@ const ATTN_NAMES: [&str; 4] = ["q", "k", "v", "o"];
 impl T5 {
     /// Load `dir/config.json` and `dir/model.safetensors`.
     pub fn load(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
-            bail!("{}: model directory not found", dir.display());
-        }
-        let cfg = T5Config::from_file(&dir.join("config.json"))?;
-        let wpath = dir.join("model.safetensors");
-        if !wpath.exists() {
-            bail!("{}: missing (loracomp reads weights from model.safetensors)", wpath.display());
-        }
-        let mut tf = TensorFile::open(&wpath)?;
-        let model = Self::from_tensors(cfg, &mut tf)?;
-        // Every encoder/decoder tensor must have been used; the stacks' `embed_tokens` are copies of `shared`.
-        tf.refuse_unused(&dir.join("config.json"), |k| {
-            (k.starts_with("encoder.") || k.starts_with("decoder.")) && !k.ends_with(".embed_tokens.weight")
-        })?;
-        Ok(model)
+        HfDir::open(dir)?.load()
     }
 
     /// Build from a config and a tensor file with `T5ForConditionalGeneration`'s keys.
@@ -975,5 +960,19 @@ impl crate::lora::host::LinearHost for T5 {
     }
     fn describe(&self) -> String {
         format!("T5 with {} encoder and {} decoder blocks", self.encoder.len(), self.decoder.len())
+    }
+}
+
+impl HfModel for T5 {
+    type Config = T5Config;
+    fn config(v: &Value) -> Result<T5Config> {
+        T5Config::from_json(v)
+    }
+    fn from_tensors(cfg: T5Config, tf: &mut TensorFile) -> Result<Self> {
+        T5::from_tensors(cfg, tf)
+    }
+    /// Every encoder/decoder tensor; the stacks' `embed_tokens` are copies of `shared`.
+    fn owns(k: &str) -> bool {
+        (k.starts_with("encoder.") || k.starts_with("decoder.")) && !k.ends_with(".embed_tokens.weight")
     }
 }
