@@ -301,7 +301,11 @@ fn reductions_do_not_depend_on_thread_count() {
             layernorm_backward(&r, &x, &m, &s, &g, d, &mut dx, false, Some((&mut dg, &mut db)));
             let mut bb = vec![0.0; d];
             bias_backward(&r, rows, d, &mut bb);
-            (dx, dg, db, bb)
+            let (mut ry, mut rs) = (vec![0.0; rows * d], vec![0.0; rows]);
+            rmsnorm_forward(&x, &g, 1e-6, d, &mut ry, &mut rs);
+            let (mut rdx, mut rdw) = (vec![0.0; rows * d], vec![0.0; d]);
+            rmsnorm_backward(&r, &x, &rs, &g, d, &mut rdx, false, Some(&mut rdw));
+            (dx, dg, db, bb, ry, rdx, rdw)
         })
     };
     assert_eq!(run(1), run(3));
