@@ -284,6 +284,120 @@ pub fn layernorm_backward(
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// RMS norm (Llama's RMSNorm, T5's layer norm): y = x / sqrt(mean(x²) + eps) · w, no mean, no bias.
+
+/// One RMS norm row: writes `y`, returns `rstd = 1/sqrt(mean(x²) + eps)`.
+#[inline(always)]
+fn rmsnorm_row(xr: &[f32], w: &[f32], eps: f32, yr: &mut [f32]) -> f32 {
+    let d = xr.len();
+    let (w, yr) = (&w[..d], &mut yr[..d]);
+    let r = 1.0 / (lane_sum(d, |i| xr[i] * xr[i]) / d as f32 + eps).sqrt();
+    for i in 0..d {
+        yr[i] = w[i] * (xr[i] * r);
+    }
+    r
+}
+
+/// RMS norm rows of one chunk, `x`, `y` holding `rstd.len()` rows of `d`.
+#[inline(always)]
+fn rmsnorm_rows(x: &[f32], w: &[f32], eps: f32, d: usize, y: &mut [f32], rstd: &mut [f32]) {
+    for ((yr, xr), rs) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(rstd.iter_mut()) {
+        *rs = rmsnorm_row(xr, w, eps, yr);
+    }
+}
+
+/// One RMS norm backward row: `dx = r·(g − x̂·mean(g·x̂))` with `g = dy·w`, `x̂ = x·r`.
+#[inline(always)]
+fn rmsnorm_row_backward(dyr: &[f32], xr: &[f32], w: &[f32], rs: f32, dxr: &mut [f32], accumulate: bool) {
+    let d = xr.len();
+    let (dyr, w, dxr) = (&dyr[..d], &w[..d], &mut dxr[..d]);
+    let mgx = lane_sum(d, |i| dyr[i] * w[i] * xr[i] * rs) / d as f32;
+    for i in 0..d {
+        let v = rs * (dyr[i] * w[i] - xr[i] * rs * mgx);
+        if accumulate {
+            dxr[i] += v;
+        } else {
+            dxr[i] = v;
+        }
+    }
+}
+
+wide! {
+    /// [`rmsnorm_rows`] compiled for AVX-512.
+    fn rmsnorm_rows_avx512(x: &[f32], w: &[f32], eps: f32, d: usize, y: &mut [f32], rstd: &mut [f32]) =>
+        rmsnorm_rows(x, w, eps, d, y, rstd)
+}
+
+wide! {
+    /// [`rmsnorm_row_backward`] compiled for AVX-512.
+    fn rmsnorm_row_backward_avx512(dyr: &[f32], xr: &[f32], w: &[f32], rs: f32, dxr: &mut [f32], accumulate: bool) =>
+        rmsnorm_row_backward(dyr, xr, w, rs, dxr, accumulate)
+}
+
+/// `y = x / sqrt(mean(x²) + eps) · w` per row of `d`; stores `rstd` per row for the backward pass. The one RMS
+/// norm: Llama's `RMSNorm` and T5's `T5LayerNorm`. Row sums in the fixed 16-lane order of [`LANES`].
+pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32, d: usize, y: &mut [f32], rstd: &mut [f32]) {
+    let rows = x.len() / d;
+    let wide = wide_simd();
+    y[..rows * d]
+        .par_chunks_mut(d * ROW_CHUNK)
+        .zip(x[..rows * d].par_chunks(d * ROW_CHUNK))
+        .zip(rstd[..rows].par_chunks_mut(ROW_CHUNK))
+        .for_each(|((yc, xc), rc)| {
+            if wide {
+                // SAFETY: `wide_simd()` checked the CPU features.
+                unsafe { rmsnorm_rows_avx512(xc, w, eps, d, yc, rc) }
+            } else {
+                rmsnorm_rows(xc, w, eps, d, yc, rc)
+            }
+        });
+}
+
+/// RMS norm backward: writes (or with `accumulate` adds) `dx`; adds `dw = Σ_rows dy·x̂` when given (chunk
+/// partials summed in chunk order).
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward(
+    dy: &[f32],
+    x: &[f32],
+    rstd: &[f32],
+    w: &[f32],
+    d: usize,
+    dx: &mut [f32],
+    accumulate: bool,
+    dw: Option<&mut [f32]>,
+) {
+    let rows = x.len() / d;
+    let wide = wide_simd();
+    dx[..rows * d].par_chunks_mut(d * ROW_CHUNK).enumerate().for_each(|(c, dxc)| {
+        for (j, dxr) in dxc.chunks_exact_mut(d).enumerate() {
+            let r = c * ROW_CHUNK + j;
+            let (xr, dyr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+            if wide {
+                // SAFETY: `wide_simd()` checked the CPU features.
+                unsafe { rmsnorm_row_backward_avx512(dyr, xr, w, rstd[r], dxr, accumulate) }
+            } else {
+                rmsnorm_row_backward(dyr, xr, w, rstd[r], dxr, accumulate)
+            }
+        }
+    });
+    if let Some(dw) = dw {
+        let partials: Vec<f32> = (0..rows.div_ceil(ROW_CHUNK))
+            .into_par_iter()
+            .flat_map_iter(|c| {
+                let mut acc = vec![0.0f32; d];
+                for r in c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(rows) {
+                    for i in 0..d {
+                        acc[i] += dy[r * d + i] * x[r * d + i] * rstd[r];
+                    }
+                }
+                acc
+            })
+            .collect();
+        reduce_partials(&partials, d, dw);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // GELU, exact (erf) and tanh forms.
 
 /// Which GELU the model's config asks for.

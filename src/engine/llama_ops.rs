@@ -1,78 +1,10 @@
-//! Kernels of Llama-family decoders, forward and backward each: RMSNorm, rotary position embeddings (Hugging
-//! Face's `rotate_half` convention, default rope only), the SiLU-gated MLP activation (SwiGLU) and causal
-//! grouped-query attention with a key padding mask.
+//! What Llama-family decoders need beyond the shared kernels (RMS norm in [`super::kernels`], attention in
+//! [`super::attention`]): rotary position embeddings (Hugging Face's `rotate_half` convention, default rope only)
+//! and the SiLU-gated MLP activation (SwiGLU), forward and backward each.
 //!
-//! Layouts follow the rest of the engine: activations `[rows, cols]` row-major with `rows = batch·seq`; Q is
-//! `[rows, heads·head_dim]`, K and V `[rows, kv_heads·head_dim]` (the projections' outputs), heads read in place
-//! through strides. Query head `h` uses key/value head `h / (heads / kv_heads)`, as `repeat_kv` arranges them.
+//! Layouts follow the rest of the engine: activations `[rows, cols]` row-major with `rows = batch·seq`.
 
-use super::gemm::matmul_strided;
-use super::kernels::ROW_CHUNK;
 use rayon::prelude::*;
-
-// ---------------------------------------------------------------------------------------------------------
-// RMSNorm: y = x / sqrt(mean(x²) + eps) · w.
-
-/// Writes `y` and the per-row `rstd = 1/sqrt(mean(x²) + eps)` for the backward pass.
-pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32, d: usize, y: &mut [f32], rstd: &mut [f32]) {
-    let rows = x.len() / d;
-    y[..rows * d].par_chunks_mut(d).zip(x.par_chunks(d)).zip(rstd[..rows].par_iter_mut()).for_each(|((yr, xr), rs)| {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let r = 1.0 / (ms + eps).sqrt();
-        for i in 0..d {
-            yr[i] = w[i] * (xr[i] * r);
-        }
-        *rs = r;
-    });
-}
-
-/// RMSNorm backward: writes (or with `accumulate` adds) `dx`; adds `dw` when given.
-#[allow(clippy::too_many_arguments)]
-pub fn rmsnorm_backward(
-    dy: &[f32],
-    x: &[f32],
-    rstd: &[f32],
-    w: &[f32],
-    d: usize,
-    dx: &mut [f32],
-    accumulate: bool,
-    dw: Option<&mut [f32]>,
-) {
-    let rows = x.len() / d;
-    dx[..rows * d].par_chunks_mut(d).enumerate().for_each(|(r, dxr)| {
-        let xr = &x[r * d..(r + 1) * d];
-        let dyr = &dy[r * d..(r + 1) * d];
-        let rs = rstd[r];
-        // xhat = x·rs; g = dy·w; dx = rs·(g − xhat·mean(g·xhat))
-        let sgx: f32 = (0..d).map(|i| dyr[i] * w[i] * xr[i] * rs).sum();
-        let mgx = sgx / d as f32;
-        for i in 0..d {
-            let v = rs * (dyr[i] * w[i] - xr[i] * rs * mgx);
-            if accumulate {
-                dxr[i] += v;
-            } else {
-                dxr[i] = v;
-            }
-        }
-    });
-    if let Some(dw) = dw {
-        let partials: Vec<f32> = (0..rows.div_ceil(ROW_CHUNK))
-            .into_par_iter()
-            .flat_map_iter(|c| {
-                let mut acc = vec![0.0f32; d];
-                for r in c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(rows) {
-                    for i in 0..d {
-                        acc[i] += dy[r * d + i] * x[r * d + i] * rstd[r];
-                    }
-                }
-                acc
-            })
-            .collect();
-        for part in partials.chunks(d) {
-            dw.iter_mut().zip(part).for_each(|(a, p)| *a += p);
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // Rotary position embeddings.
@@ -161,131 +93,6 @@ pub fn swiglu_backward(gate: &[f32], up: &[f32], dh: &[f32], dgate: &mut [f32], 
     });
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Causal grouped-query attention with a key padding mask.
-
-/// Shape of one causal attention call.
-#[derive(Clone, Copy, Debug)]
-pub struct GqaShape {
-    pub batch: usize,
-    pub seq: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-}
-
-impl GqaShape {
-    pub fn q_dim(&self) -> usize {
-        self.heads * self.head_dim
-    }
-    pub fn kv_dim(&self) -> usize {
-        self.kv_heads * self.head_dim
-    }
-    pub fn probs_len(&self) -> usize {
-        self.batch * self.heads * self.seq * self.seq
-    }
-    fn group(&self) -> usize {
-        self.heads / self.kv_heads
-    }
-}
-
-/// Forward: writes `ctx` (`[rows, heads·head_dim]`) and `probs` (`[batch, heads, seq, seq]`). Query `i` attends
-/// to keys `j ≤ i` whose `mask` entry is non-zero; a query that sees no key (a left pad) gets zero weights and a
-/// zero context.
-#[allow(clippy::too_many_arguments)]
-pub fn causal_attention_forward(
-    sh: GqaShape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    mask: &[f32],
-    ctx: &mut [f32],
-    probs: &mut [f32],
-) {
-    let GqaShape { batch, seq: s, heads, head_dim: dh, .. } = sh;
-    let (qd, kd, grp) = (sh.q_dim(), sh.kv_dim(), sh.group());
-    let scale = 1.0 / (dh as f32).sqrt();
-    ctx[..batch * s * qd]
-        .par_chunks_mut(s * qd)
-        .zip(probs[..sh.probs_len()].par_chunks_mut(heads * s * s))
-        .enumerate()
-        .for_each(|(b, (ctx_b, p_b))| {
-            let m = &mask[b * s..(b + 1) * s];
-            for h in 0..heads {
-                let p = &mut p_b[h * s * s..(h + 1) * s * s];
-                let qoff = b * s * qd + h * dh;
-                let koff = b * s * kd + (h / grp) * dh;
-                matmul_strided(s, s, dh, scale, &q[qoff..], qd, 1, &k[koff..], 1, kd, 0.0, p, s);
-                for (i, row) in p.chunks_mut(s).enumerate() {
-                    let seen = |j: usize| j <= i && m[j] != 0.0;
-                    let mut mx = f32::NEG_INFINITY;
-                    for (j, x) in row.iter().enumerate() {
-                        if seen(j) && *x > mx {
-                            mx = *x;
-                        }
-                    }
-                    let mut sum = 0.0f32;
-                    for (j, x) in row.iter_mut().enumerate() {
-                        *x = if seen(j) { (*x - mx).exp() } else { 0.0 };
-                        sum += *x;
-                    }
-                    let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-                    row.iter_mut().for_each(|x| *x *= inv);
-                }
-                matmul_strided(s, dh, s, 1.0, p, s, 1, &v[koff..], kd, 1, 0.0, &mut ctx_b[h * dh..], qd);
-            }
-        });
-}
-
-/// Backward: from `dctx` and the cached `probs`, writes `dq`, `dk`, `dv` (overwriting; each key/value head sums
-/// the gradients of the query heads that share it).
-#[allow(clippy::too_many_arguments)]
-pub fn causal_attention_backward(
-    sh: GqaShape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    probs: &[f32],
-    dctx: &[f32],
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
-) {
-    let GqaShape { batch, seq: s, heads, head_dim: dh, .. } = sh;
-    let (qd, kd, grp) = (sh.q_dim(), sh.kv_dim(), sh.group());
-    let scale = 1.0 / (dh as f32).sqrt();
-    dq[..batch * s * qd]
-        .par_chunks_mut(s * qd)
-        .zip(dk[..batch * s * kd].par_chunks_mut(s * kd))
-        .zip(dv[..batch * s * kd].par_chunks_mut(s * kd))
-        .enumerate()
-        .for_each(|(b, ((dq_b, dk_b), dv_b))| {
-            dk_b.fill(0.0);
-            dv_b.fill(0.0);
-            let mut ds = vec![0.0f32; s * s];
-            for h in 0..heads {
-                let p = &probs[(b * heads + h) * s * s..(b * heads + h + 1) * s * s];
-                let qoff = b * s * qd + h * dh;
-                let g = h / grp;
-                let koff = b * s * kd + g * dh;
-                // dP = dctx·Vᵀ
-                matmul_strided(s, s, dh, 1.0, &dctx[qoff..], qd, 1, &v[koff..], 1, kd, 0.0, &mut ds, s);
-                // dV += Pᵀ·dctx
-                matmul_strided(s, dh, s, 1.0, p, 1, s, &dctx[qoff..], qd, 1, 1.0, &mut dv_b[g * dh..], kd);
-                // dS = P ⊙ (dP − Σ_j dP·P) · scale (masked entries have P = 0)
-                for (dr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
-                    let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                    for (x, pv) in dr.iter_mut().zip(pr) {
-                        *x = pv * (*x - dot) * scale;
-                    }
-                }
-                // dQ = dS·K, dK += dSᵀ·Q
-                matmul_strided(s, dh, s, 1.0, &ds, s, 1, &k[koff..], kd, 1, 0.0, &mut dq_b[h * dh..], qd);
-                matmul_strided(s, dh, s, 1.0, &ds, 1, s, &q[qoff..], qd, 1, 1.0, &mut dk_b[g * dh..], kd);
-            }
-        });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,34 +100,6 @@ mod tests {
 
     fn dot(a: &[f32], b: &[f32]) -> f64 {
         a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
-    }
-
-    #[test]
-    fn rmsnorm_backward_matches_fd() {
-        let (rows, d) = (40, 11); // more than one ROW_CHUNK
-        let x = rand_vec(rows * d, 31, 2.0);
-        let w = rand_vec(d, 32, 1.0);
-        let r = rand_vec(rows * d, 33, 1.0);
-        let f = |x: &[f32], w: &[f32]| {
-            let (mut y, mut s) = (vec![0.0; rows * d], vec![0.0; rows]);
-            rmsnorm_forward(x, w, 1e-6, d, &mut y, &mut s);
-            dot(&y, &r)
-        };
-        let (mut y, mut s) = (vec![0.0; rows * d], vec![0.0; rows]);
-        rmsnorm_forward(&x, &w, 1e-6, d, &mut y, &mut s);
-        // matches the definition directly
-        let ms: f32 = x[..d].iter().map(|v| v * v).sum::<f32>() / d as f32;
-        assert!((y[3] - w[3] * x[3] / (ms + 1e-6).sqrt()).abs() < 1e-5);
-        let mut dx = vec![0.0; rows * d];
-        let mut dw = vec![0.0; d];
-        rmsnorm_backward(&r, &x, &s, &w, d, &mut dx, false, Some(&mut dw));
-        fd_check("rmsnorm dx", &x, &dx, 1e-2, 2e-3, |p| f(p, &w));
-        fd_check("rmsnorm dw", &w, &dw, 1e-2, 2e-3, |p| f(&x, p));
-        let mut dx2 = dx.clone();
-        rmsnorm_backward(&r, &x, &s, &w, d, &mut dx2, true, None);
-        for (a, b) in dx2.iter().zip(&dx) {
-            assert!((a - 2.0 * b).abs() < 1e-5);
-        }
     }
 
     #[test]
@@ -379,54 +158,5 @@ mod tests {
         swiglu_backward(&g, &u, &r, &mut dg, &mut du);
         fd_check("swiglu dgate", &g, &dg, 1e-2, 1e-3, |p| f(p, &u));
         fd_check("swiglu dup", &u, &du, 1e-2, 1e-3, |p| f(&g, p));
-    }
-
-    #[test]
-    fn causal_gqa_attention_backward_matches_fd_with_padding() {
-        let sh = GqaShape { batch: 3, seq: 5, heads: 4, kv_heads: 2, head_dim: 3 };
-        let (nq, nk) = (sh.batch * sh.seq * sh.q_dim(), sh.batch * sh.seq * sh.kv_dim());
-        let q = rand_vec(nq, 39, 1.0);
-        let k = rand_vec(nk, 40, 1.0);
-        let v = rand_vec(nk, 41, 1.0);
-        let r = rand_vec(nq, 42, 1.0);
-        // row 0 full, row 1 right-padded by 2, row 2 left-padded by 2
-        let mask = [1., 1., 1., 1., 1., 1., 1., 1., 0., 0., 0., 0., 1., 1., 1.];
-        let f = |q: &[f32], k: &[f32], v: &[f32]| {
-            let mut ctx = vec![0.0; nq];
-            let mut p = vec![0.0; sh.probs_len()];
-            causal_attention_forward(sh, q, k, v, &mask, &mut ctx, &mut p);
-            dot(&ctx, &r)
-        };
-        let mut ctx = vec![0.0; nq];
-        let mut p = vec![0.0; sh.probs_len()];
-        causal_attention_forward(sh, &q, &k, &v, &mask, &mut ctx, &mut p);
-        for b in 0..3 {
-            for h in 0..4 {
-                for i in 0..5 {
-                    let row = &p[((b * 4 + h) * 5 + i) * 5..][..5];
-                    let visible: Vec<usize> = (0..=i).filter(|&j| mask[b * 5 + j] != 0.0).collect();
-                    for (j, &pj) in row.iter().enumerate() {
-                        if !visible.contains(&j) {
-                            assert_eq!(pj, 0.0, "b{b} h{h} i{i} j{j}");
-                        }
-                    }
-                    let sum: f32 = row.iter().sum();
-                    let want = if visible.is_empty() { 0.0 } else { 1.0 };
-                    assert!((sum - want).abs() < 1e-6);
-                }
-            }
-        }
-        // the first query of a full row sees only itself: its context is V of its key/value head
-        for h in 0..4 {
-            let g = h / 2;
-            for e in 0..3 {
-                assert!((ctx[h * 3 + e] - v[g * 3 + e]).abs() < 1e-6);
-            }
-        }
-        let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![1.0; nk], vec![1.0; nk]);
-        causal_attention_backward(sh, &q, &k, &v, &p, &r, &mut dq, &mut dk, &mut dv);
-        fd_check("gqa dq", &q, &dq, 1e-2, 2e-3, |x| f(x, &k, &v));
-        fd_check("gqa dk", &k, &dk, 1e-2, 2e-3, |x| f(&q, x, &v));
-        fd_check("gqa dv", &v, &dv, 1e-2, 2e-3, |x| f(&q, &k, x));
     }
 }

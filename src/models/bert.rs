@@ -5,7 +5,8 @@
 //! LoRAs attach to any of them by their module path (`encoder.layer.N.attention.self.query`, …).
 
 use super::config::BertConfig;
-use crate::engine::attention::{attention_backward, attention_forward, AttnShape};
+use super::hf::{HfDir, HfModel};
+use crate::engine::attention::{attention_backward, attention_forward, AttnSpec};
 use crate::engine::kernels::{gelu_backward_inplace, gelu_forward, layernorm_backward, layernorm_forward, Gelu};
 use crate::engine::param::Param;
 use crate::engine::weights::TensorFile;
@@ -136,23 +137,7 @@ pub struct Bert {
 impl Bert {
     /// Load `dir/config.json` and `dir/model.safetensors`.
     pub fn load(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
-            bail!("{}: model directory not found", dir.display());
-        }
-        let cfg = BertConfig::from_file(&dir.join("config.json"))?;
-        let wpath = dir.join("model.safetensors");
-        if !wpath.exists() {
-            bail!("{}: missing (loracomp reads weights from model.safetensors)", wpath.display());
-        }
-        let mut tf = TensorFile::open(&wpath)?;
-        let bert = Self::from_tensors(cfg, &mut tf)?;
-        // Everything under embeddings./encoder. (with or without `bert.`) must have been used; the pooler and the
-        // pre-training / task heads are not part of the encoder.
-        tf.refuse_unused(&dir.join("config.json"), |k| {
-            let k = k.strip_prefix("bert.").unwrap_or(k);
-            (k.starts_with("embeddings.") || k.starts_with("encoder.")) && k != "embeddings.position_ids"
-        })?;
-        Ok(bert)
+        HfDir::open(dir)?.load()
     }
 
     /// Build from a config and a tensor file whose keys are `BertModel`'s, optionally prefixed by `bert.`.
@@ -330,12 +315,7 @@ impl Bert {
             &mut ws.emb_mean,
             &mut ws.emb_rstd,
         );
-        let sh = AttnShape {
-            batch: batch.batch,
-            seq: batch.seq,
-            heads: self.cfg.num_attention_heads,
-            head_dim: self.cfg.head_dim(),
-        };
+        let sh = AttnSpec::new(batch.batch, batch.seq, self.cfg.num_attention_heads, self.cfg.head_dim());
         for (l, layer) in self.layers.iter_mut().enumerate() {
             let (before, after) = ws.hs.split_at_mut(l + 1);
             let x = &before[l];
@@ -344,7 +324,7 @@ impl Bert {
             layer.key.forward(x, t, sized(&mut c.k, t * d));
             layer.value.forward(x, t, sized(&mut c.v, t * d));
             sized(&mut c.probs, sh.probs_len());
-            attention_forward(sh, &c.q, &c.k, &c.v, &batch.mask, sized(&mut c.ctx, t * d), &mut c.probs);
+            attention_forward(sh, &c.q, &c.k, &c.v, &batch.mask, None, sized(&mut c.ctx, t * d), &mut c.probs);
             layer.attn_out.forward(&c.ctx, t, sized(&mut c.pre1, t * d));
             c.pre1.iter_mut().zip(x.iter()).for_each(|(a, b)| *a += b);
             sized(&mut c.mean1, t);
@@ -422,12 +402,7 @@ impl Bert {
                 None => return Ok(()),
             }
         };
-        let sh = AttnShape {
-            batch: batch.batch,
-            seq: batch.seq,
-            heads: self.cfg.num_attention_heads,
-            head_dim: self.cfg.head_dim(),
-        };
+        let sh = AttnSpec::new(batch.batch, batch.seq, self.cfg.num_attention_heads, self.cfg.head_dim());
         let ws = &mut self.ws;
         sized(&mut ws.dh, t * d).copy_from_slice(d_last);
         for l in (first..self.layers.len()).rev() {
@@ -596,5 +571,21 @@ impl crate::lora::host::LinearHost for Bert {
     }
     fn describe(&self) -> String {
         format!("BERT encoder with {} layers", self.layers.len())
+    }
+}
+
+impl HfModel for Bert {
+    type Config = BertConfig;
+    fn config(v: &serde_json::Value) -> Result<BertConfig> {
+        BertConfig::from_json(v)
+    }
+    fn from_tensors(cfg: BertConfig, tf: &mut TensorFile) -> Result<Self> {
+        Bert::from_tensors(cfg, tf)
+    }
+    /// Everything under embeddings./encoder. (with or without `bert.`); the pooler and the pre-training / task
+    /// heads are not part of the encoder.
+    fn owns(k: &str) -> bool {
+        let k = k.strip_prefix("bert.").unwrap_or(k);
+        (k.starts_with("embeddings.") || k.starts_with("encoder.")) && k != "embeddings.position_ids"
     }
 }

@@ -1,9 +1,9 @@
 //! `config.json` of a Hugging Face BERT-family model.
 
 use crate::engine::kernels::Gelu;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
-use std::path::Path;
+use serde_json::Value;
 
 /// The fields of a BERT `config.json` that loracomp uses. Unknown fields are ignored, as transformers does.
 #[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
@@ -39,13 +39,10 @@ fn default_types() -> usize {
 }
 
 impl BertConfig {
-    /// Read and validate `path` (a `config.json`). Errors name the file and the offending key.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        crate::util::ensure_regular(path)?;
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let cfg: BertConfig =
-            serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid model config: {e}", path.display()))?;
-        cfg.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    /// The fields of a parsed `config.json`, validated. Errors name the offending key.
+    pub fn from_json(v: &Value) -> Result<Self> {
+        let cfg = BertConfig::deserialize(v).map_err(|e| anyhow!("invalid model config: {e}"))?;
+        cfg.validate()?;
         Ok(cfg)
     }
 

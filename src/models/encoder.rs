@@ -6,8 +6,9 @@
 
 use super::bert::{Batch, Bert};
 use super::generative::Generative;
+use super::hf::{HfDir, HfEncoder};
 use super::image::Preprocessor;
-use super::kind::{ModelKind, SpecialTokens};
+use super::kind::ModelKind;
 use super::tokenize::TextEncoder;
 use super::vit::{Pixels, Vit};
 use crate::engine::kernels::Pooling;
@@ -295,10 +296,11 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Load any supported directory (see [`ModelKind`]). `max_len` truncates token sequences.
     pub fn load(dir: &Path, max_len: usize) -> Result<Self> {
-        let kind = ModelKind::of(dir)?;
+        let hf = HfDir::open(dir)?;
+        let kind = hf.kind;
         match kind {
             ModelKind::Vit | ModelKind::Dinov2 => {
-                let vit = Vit::load(dir)?;
+                let vit: Vit = hf.load()?;
                 let pp = dir.join("preprocessor_config.json");
                 if !pp.is_file() {
                     bail!("{}: missing (an image model needs its preprocessor config)", pp.display());
@@ -314,7 +316,7 @@ impl LoadedModel {
                 })
             }
             ModelKind::Bert => {
-                let enc = super::hf::HfEncoder::load(dir, max_len)?;
+                let enc = HfEncoder::from_dir(&hf, max_len)?;
                 Ok(LoadedModel {
                     dir: enc.dir,
                     kind,
@@ -325,11 +327,11 @@ impl LoadedModel {
             }
             ModelKind::T5 | ModelKind::Llama => {
                 let lm = match kind {
-                    ModelKind::T5 => Generative::T5(super::t5::T5::load(dir)?),
-                    _ => Generative::Llama(super::llama::Llama::load(dir)?),
+                    ModelKind::T5 => Generative::T5(hf.load()?),
+                    _ => Generative::Llama(hf.load()?),
                 };
-                let tok0 = TextEncoder::load(dir, max_len, 0)?;
-                let special = SpecialTokens::read(dir, &|t| tok0.token_to_id(t))?;
+                let tok0 = hf.tokenizer(max_len, 0)?;
+                let special = hf.special_tokens(&|t| tok0.token_to_id(t))?;
                 let Some(eos) = special.eos else {
                     bail!(
                         "{}: no eos_token_id (config.json) or eos_token (special_tokens_map.json / tokenizer_config.json): rank classification ends every answer with it",
@@ -339,7 +341,7 @@ impl LoadedModel {
                 // Prompts are right-padded with the pad id (T5 is trained with it; a causal model never sees
                 // what follows a sequence, so any id works and EOS is used where there is none).
                 let pad = special.pad.unwrap_or(eos);
-                let tok = TextEncoder::load(dir, max_len, pad)?;
+                let tok = hf.tokenizer(max_len, pad)?;
                 Ok(LoadedModel {
                     dir: dir.to_path_buf(),
                     kind,
@@ -432,10 +434,6 @@ impl LoadedModel {
     /// Files whose bytes define the model (hashed by sweeps to decide whether a bank can be reused): config,
     /// weights, and tokenizer or preprocessor config (tokenizer when `config.json` cannot be read).
     pub fn files(dir: &Path) -> Vec<PathBuf> {
-        let front = match ModelKind::of(dir) {
-            Ok(k) if k.is_image() => "preprocessor_config.json",
-            _ => "tokenizer.json",
-        };
-        vec![dir.join("config.json"), dir.join("model.safetensors"), dir.join(front)]
+        HfDir::files(dir)
     }
 }

@@ -168,23 +168,24 @@ fn check_activations(
 pub fn run(model_dir: &Path, adapters: &[std::path::PathBuf], input: &Path, allow_mismatch: bool) -> Result<TensorOut> {
     let inp = ForwardInput::load(input)?;
     use super::kind::ModelKind;
-    match ModelKind::of(model_dir)? {
-        ModelKind::Bert => bert_forward(model_dir, adapters, &inp, allow_mismatch),
-        ModelKind::Llama => llama_forward(model_dir, adapters, &inp, allow_mismatch),
-        ModelKind::T5 => t5_forward(model_dir, adapters, &inp, allow_mismatch),
-        ModelKind::Vit | ModelKind::Dinov2 => vit_forward(model_dir, adapters, &inp, allow_mismatch),
+    let hf = super::hf::HfDir::open(model_dir)?;
+    match hf.kind {
+        ModelKind::Bert => bert_forward(&hf, adapters, &inp, allow_mismatch),
+        ModelKind::Llama => llama_forward(&hf, adapters, &inp, allow_mismatch),
+        ModelKind::T5 => t5_forward(&hf, adapters, &inp, allow_mismatch),
+        ModelKind::Vit | ModelKind::Dinov2 => vit_forward(&hf, adapters, &inp, allow_mismatch),
     }
 }
 
 fn bert_forward(
-    model_dir: &Path,
+    hf: &super::hf::HfDir,
     adapters: &[std::path::PathBuf],
     inp: &ForwardInput,
     allow: bool,
 ) -> Result<TensorOut> {
     use super::bert::{Batch, Bert};
-    let mut bert = Bert::load(model_dir)?;
-    attach_all(&mut bert, adapters, model_dir, allow)?;
+    let mut bert: Bert = hf.load()?;
+    attach_all(&mut bert, adapters, &hf.dir, allow)?;
     let p = inp.path.display();
     let (b, s, ids) = inp.ints2("input_ids")?;
     let vocab = bert.cfg.vocab_size as i64;
@@ -222,20 +223,20 @@ fn bert_forward(
     let batch = Batch { batch: b, seq: s, ids: ids.iter().map(|&x| x as u32).collect(), types, mask };
     let d = bert.hidden();
     let h = bert.forward(&batch)?.to_vec();
-    check_finite_output(&h, model_dir, "last hidden state", bert.non_finite_stage())?;
+    check_finite_output(&h, &hf.dir, "last hidden state", bert.non_finite_stage())?;
     Ok(TensorOut { shape: vec![b, s, d], data: h })
 }
 
 /// Llama: logits `[batch, seq, vocab]` (positions `0..seq` in every row, as transformers without position_ids).
 fn llama_forward(
-    model_dir: &Path,
+    hf: &super::hf::HfDir,
     adapters: &[std::path::PathBuf],
     inp: &ForwardInput,
     allow: bool,
 ) -> Result<TensorOut> {
     use super::llama::{Llama, LmBatch};
-    let mut model = Llama::load(model_dir)?;
-    attach_all(&mut model, adapters, model_dir, allow)?;
+    let mut model: Llama = hf.load()?;
+    attach_all(&mut model, adapters, &hf.dir, allow)?;
     let p = inp.path.display();
     let (b, s, ids) = inp.ints2("input_ids")?;
     let vocab = model.vocab() as i64;
@@ -259,16 +260,21 @@ fn llama_forward(
     check_activations(inp, "input_ids", b, s, dims)?;
     let batch = LmBatch { batch: b, seq: s, ids: ids.iter().map(|&x| x as u32).collect(), mask };
     let logits = model.forward(&batch)?.to_vec();
-    check_finite_output(&logits, model_dir, "logits", None)?;
+    check_finite_output(&logits, &hf.dir, "logits", None)?;
     Ok(TensorOut { shape: vec![b, s, vocab as usize], data: logits })
 }
 
 /// T5: logits `[batch, dec_seq, vocab]` from `input_ids`, `attention_mask` (optional), `decoder_input_ids` and
 /// `decoder_attention_mask` (optional; the decoder is causal either way).
-fn t5_forward(model_dir: &Path, adapters: &[std::path::PathBuf], inp: &ForwardInput, allow: bool) -> Result<TensorOut> {
+fn t5_forward(
+    hf: &super::hf::HfDir,
+    adapters: &[std::path::PathBuf],
+    inp: &ForwardInput,
+    allow: bool,
+) -> Result<TensorOut> {
     use super::t5::{Seq2SeqBatch, T5};
-    let mut model = T5::load(model_dir)?;
-    attach_all(&mut model, adapters, model_dir, allow)?;
+    let mut model: T5 = hf.load()?;
+    attach_all(&mut model, adapters, &hf.dir, allow)?;
     let p = inp.path.display();
     let vocab = model.vocab() as i64;
     let ids_field = |key: &str| -> Result<(usize, usize, Vec<u32>)> {
@@ -313,20 +319,20 @@ fn t5_forward(model_dir: &Path, adapters: &[std::path::PathBuf], inp: &ForwardIn
     };
     let v = model.vocab();
     let logits = model.forward(&batch)?.to_vec();
-    check_finite_output(&logits, model_dir, "logits", None)?;
+    check_finite_output(&logits, &hf.dir, "logits", None)?;
     Ok(TensorOut { shape: vec![b, t, v], data: logits })
 }
 
 /// ViT / DINOv2: last hidden state `[batch, 1 + patches, hidden]` from `pixel_values`.
 fn vit_forward(
-    model_dir: &Path,
+    hf: &super::hf::HfDir,
     adapters: &[std::path::PathBuf],
     inp: &ForwardInput,
     allow: bool,
 ) -> Result<TensorOut> {
     use super::vit::Vit;
-    let mut vit = Vit::load(model_dir)?;
-    attach_all(&mut vit, adapters, model_dir, allow)?;
+    let mut vit: Vit = hf.load()?;
+    attach_all(&mut vit, adapters, &hf.dir, allow)?;
     let px = pixel_values(inp)?;
     vit.check_pixels(&px).map_err(|e| anyhow!("{}: {e}", inp.path.display()))?;
     let c = &vit.cfg;
@@ -334,7 +340,7 @@ fn vit_forward(
     let dims = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_hidden_layers, 0);
     check_activations(inp, "pixel_values", px.batch, seq, dims)?;
     let h = vit.forward(&px)?.to_vec();
-    check_finite_output(&h, model_dir, "last hidden state", None)?;
+    check_finite_output(&h, &hf.dir, "last hidden state", None)?;
     let (b, s) = vit.shape();
     Ok(TensorOut { shape: vec![b, s, vit.hidden()], data: h })
 }

@@ -1,10 +1,99 @@
-//! A Hugging Face model directory: encoder weights, config and tokenizer together.
+//! A Hugging Face model directory: the one loader ([`HfDir`]: `config.json` with its `model_type`, the weights
+//! file, the tokenizer), and a BERT encoder with its tokenizer ([`HfEncoder`]).
 
 use super::bert::Bert;
+use super::kind::{read_json, ModelKind, SpecialTokens};
 use super::tokenize::TextEncoder;
 use crate::engine::kernels::{l2_normalize_rows, pool_forward, Pooling};
-use anyhow::{bail, Result};
+use crate::engine::weights::TensorFile;
+use anyhow::{anyhow, bail, Result};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
+
+/// Weights file of a model directory.
+pub const WEIGHTS: &str = "model.safetensors";
+
+/// A Hugging Face model directory, opened once: `config.json` read and its `model_type` parsed; the weights
+/// ([`WEIGHTS`]) and `tokenizer.json` found beside it. Every architecture loads through [`HfDir::load`] and maps
+/// only its own config fields and weight names ([`HfModel`]).
+pub struct HfDir {
+    pub dir: PathBuf,
+    pub kind: ModelKind,
+    config: Value,
+}
+
+/// What an architecture adds to [`HfDir`]: its config fields and the mapping of its weights.
+pub trait HfModel: Sized {
+    type Config;
+    /// The architecture's fields of `config.json`, validated (errors name the key; [`HfDir`] adds the file).
+    fn config(v: &Value) -> Result<Self::Config>;
+    /// Build from the config, taking its tensors out of `tf` (checked for shape).
+    fn from_tensors(cfg: Self::Config, tf: &mut TensorFile) -> Result<Self>;
+    /// Whether a tensor name belongs to the part of the network the architecture runs: any such tensor left after
+    /// [`HfModel::from_tensors`] means the config does not describe the weights, and is an error.
+    fn owns(key: &str) -> bool;
+}
+
+impl HfDir {
+    /// Open `dir`: it must be a directory with a readable `config.json` whose `model_type` is supported.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("{}: model directory not found", dir.display());
+        }
+        let path = dir.join("config.json");
+        let config = read_json(&path)?;
+        let kind = ModelKind::of_config(&config, &path)?;
+        Ok(HfDir { dir: dir.to_path_buf(), kind, config })
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+
+    /// `config.json` parsed by `parse`; errors name the file.
+    pub fn config<T>(&self, parse: impl FnOnce(&Value) -> Result<T>) -> Result<T> {
+        parse(&self.config).map_err(|e| anyhow!("{}: {e}", self.config_path().display()))
+    }
+
+    /// All tensors of the weights file.
+    pub fn weights(&self) -> Result<TensorFile> {
+        let path = self.dir.join(WEIGHTS);
+        if !path.exists() {
+            bail!("{}: missing (loracomp reads weights from {WEIGHTS})", path.display());
+        }
+        TensorFile::open(&path)
+    }
+
+    /// The model of architecture `M`: its config, its weights, and no weight of its network left unused.
+    pub fn load<M: HfModel>(&self) -> Result<M> {
+        let cfg = self.config(M::config)?;
+        let mut tf = self.weights()?;
+        let model = M::from_tensors(cfg, &mut tf)?;
+        tf.refuse_unused(&self.config_path(), M::owns)?;
+        Ok(model)
+    }
+
+    /// `tokenizer.json`, truncating to `max_len` tokens and padding with `pad_id`.
+    pub fn tokenizer(&self, max_len: usize, pad_id: u32) -> Result<TextEncoder> {
+        TextEncoder::load(&self.dir, max_len, pad_id)
+    }
+
+    /// Special-token ids as transformers resolves them (see [`SpecialTokens`]); `lookup` is the tokenizer's
+    /// vocabulary.
+    pub fn special_tokens(&self, lookup: &dyn Fn(&str) -> Option<u32>) -> Result<SpecialTokens> {
+        SpecialTokens::read(&self.dir, &self.config, lookup)
+    }
+
+    /// Files whose bytes define the model (hashed by sweeps to decide whether a bank can be reused): config,
+    /// weights, and tokenizer or preprocessor config (tokenizer when `config.json` cannot be read).
+    pub fn files(dir: &Path) -> Vec<PathBuf> {
+        let front = match ModelKind::of(dir) {
+            Ok(k) if k.is_image() => "preprocessor_config.json",
+            _ => "tokenizer.json",
+        };
+        vec![dir.join("config.json"), dir.join(WEIGHTS), dir.join(front)]
+    }
+}
 
 /// Default truncation length (tokens, special tokens included).
 pub const DEFAULT_MAX_LEN: usize = 128;
@@ -18,10 +107,15 @@ pub struct HfEncoder {
 
 impl HfEncoder {
     pub fn load(dir: &Path, max_len: usize) -> Result<Self> {
-        let bert = Bert::load(dir)?;
+        Self::from_dir(&HfDir::open(dir)?, max_len)
+    }
+
+    /// From an opened directory (a `bert` one, or an old sentence-transformers folder without `model_type`).
+    pub fn from_dir(hf: &HfDir, max_len: usize) -> Result<Self> {
+        let bert: Bert = hf.load()?;
         let max_len = max_len.min(bert.cfg.max_position_embeddings);
-        let tok = TextEncoder::load(dir, max_len, bert.cfg.pad_token_id as u32)?;
-        Ok(HfEncoder { dir: dir.to_path_buf(), bert, tok })
+        let tok = hf.tokenizer(max_len, bert.cfg.pad_token_id as u32)?;
+        Ok(HfEncoder { dir: hf.dir.clone(), bert, tok })
     }
 
     /// Sentence embeddings of `texts`, in input order. Texts are sorted by length into batches of

@@ -1,9 +1,9 @@
 //! What kind of model a Hugging Face directory holds, read once from `config.json`'s `model_type`, and the
 //! special-token ids transformers would use with it.
 //!
-//! Every command goes through [`ModelKind::of`]; nothing else parses `model_type`.
+//! Every command goes through [`ModelKind::of`] or [`super::hf::HfDir::open`]; nothing else parses `model_type`.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use std::path::Path;
 
 /// The architectures loracomp runs.
@@ -29,11 +29,11 @@ impl ModelKind {
     /// The kind of `dir/config.json`. Errors name the file (missing directory, unreadable or invalid JSON,
     /// `model_type` not a string or not supported).
     pub fn of(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
-            bail!("{}: model directory not found", dir.display());
-        }
-        let p = dir.join("config.json");
-        let v = read_json(&p)?;
+        Ok(super::hf::HfDir::open(dir)?.kind)
+    }
+
+    /// The kind a parsed `config.json` (at `p`, for errors) names.
+    pub fn of_config(v: &serde_json::Value, p: &Path) -> Result<Self> {
         match v.get("model_type") {
             None => Ok(ModelKind::Bert),
             Some(t) => {
@@ -122,10 +122,10 @@ pub struct SpecialTokens {
 }
 
 impl SpecialTokens {
-    /// Read the ids for `dir`; `lookup` maps a token string to its id (the tokenizer's vocabulary).
-    pub fn read(dir: &Path, lookup: &dyn Fn(&str) -> Option<u32>) -> Result<Self> {
+    /// Read the ids for `dir`, whose `config.json` holds `cfg`; `lookup` maps a token string to its id (the
+    /// tokenizer's vocabulary). Through [`super::hf::HfDir::special_tokens`].
+    pub(crate) fn read(dir: &Path, cfg: &serde_json::Value, lookup: &dyn Fn(&str) -> Option<u32>) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let cfg = read_json(&cfg_path)?;
         let mut out = SpecialTokens::default();
         for (key, slot) in [("bos", &mut out.bos), ("eos", &mut out.eos), ("pad", &mut out.pad)] {
             let field = format!("{key}_token_id");

@@ -14,14 +14,14 @@
 //! Library functions on top: the causal-LM loss on answer tokens (labels −100 elsewhere, shifted as
 //! transformers does) and rank classification (each candidate answer scored by its summed log-probability).
 
-use crate::engine::llama_ops::{
-    causal_attention_backward, causal_attention_forward, rmsnorm_backward, rmsnorm_forward, rope_apply,
-    swiglu_backward, swiglu_forward, GqaShape, Rope,
-};
+use super::hf::{HfDir, HfModel};
+use crate::engine::attention::{attention_backward, attention_forward, AttnSpec};
+use crate::engine::kernels::{rmsnorm_backward, rmsnorm_forward};
+use crate::engine::llama_ops::{rope_apply, swiglu_backward, swiglu_forward, Rope};
 use crate::engine::param::Param;
 use crate::engine::weights::TensorFile;
 use crate::lora::bank::BankLinear;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use rayon::prelude::*;
 use serde::Deserialize;
 use serde_json::Value;
@@ -76,13 +76,10 @@ fn default_act() -> String {
 }
 
 impl LlamaConfig {
-    /// Read and validate `path` (a `config.json`). Errors name the file and the offending key.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        crate::util::ensure_regular(path)?;
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let cfg: LlamaConfig =
-            serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid Llama config: {e}", path.display()))?;
-        cfg.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    /// The fields of a parsed `config.json`, validated. Errors name the offending key.
+    pub fn from_json(v: &Value) -> Result<Self> {
+        let cfg = LlamaConfig::deserialize(v).map_err(|e| anyhow!("invalid Llama config: {e}"))?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -309,20 +306,7 @@ pub struct Llama {
 impl Llama {
     /// Load `dir/config.json` and `dir/model.safetensors`.
     pub fn load(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
-            bail!("{}: model directory not found", dir.display());
-        }
-        let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let wpath = dir.join("model.safetensors");
-        if !wpath.exists() {
-            bail!("{}: missing (loracomp reads weights from model.safetensors)", wpath.display());
-        }
-        let mut tf = TensorFile::open(&wpath)?;
-        let model = Self::from_tensors(cfg, &mut tf)?;
-        // Every `model.*` tensor must have been used (old checkpoints' rotary `inv_freq` buffers are recomputed);
-        // an `lm_head.weight` beside tied embeddings is ignored, as transformers ties it.
-        tf.refuse_unused(&dir.join("config.json"), |k| k.starts_with("model.") && !k.ends_with("rotary_emb.inv_freq"))?;
-        Ok(model)
+        HfDir::open(dir)?.load()
     }
 
     /// Build from a validated config and a tensor file with `LlamaForCausalLM`'s keys.
@@ -481,14 +465,10 @@ impl Llama {
         self.cfg.vocab_size
     }
 
-    fn shape(&self, b: &LmBatch) -> GqaShape {
-        GqaShape {
-            batch: b.batch,
-            seq: b.seq,
-            heads: self.cfg.num_attention_heads,
-            kv_heads: self.cfg.kv_heads(),
-            head_dim: self.cfg.head_dim(),
-        }
+    /// Causal grouped-query self-attention, scale `1/√head_dim`.
+    fn shape(&self, b: &LmBatch) -> AttnSpec {
+        let (heads, head_dim) = (self.cfg.num_attention_heads, self.cfg.head_dim());
+        AttnSpec { kv_heads: self.cfg.kv_heads(), causal: true, ..AttnSpec::new(b.batch, b.seq, heads, head_dim) }
     }
 
     fn check_batch(&self, b: &LmBatch) -> Result<()> {
@@ -532,10 +512,10 @@ impl Llama {
             layer.q_proj.forward(&c.n1, t, sized(&mut c.q, t * qd));
             layer.k_proj.forward(&c.n1, t, sized(&mut c.k, t * kd));
             layer.v_proj.forward(&c.n1, t, sized(&mut c.v, t * kd));
-            rope_apply(&mut c.q, sh.seq, sh.heads, sh.head_dim, &ws.cos, &ws.sin, false);
-            rope_apply(&mut c.k, sh.seq, sh.kv_heads, sh.head_dim, &ws.cos, &ws.sin, false);
+            rope_apply(&mut c.q, sh.q_len, sh.heads, sh.head_dim, &ws.cos, &ws.sin, false);
+            rope_apply(&mut c.k, sh.q_len, sh.kv_heads, sh.head_dim, &ws.cos, &ws.sin, false);
             sized(&mut c.probs, sh.probs_len());
-            causal_attention_forward(sh, &c.q, &c.k, &c.v, &batch.mask, sized(&mut c.ctx, t * qd), &mut c.probs);
+            attention_forward(sh, &c.q, &c.k, &c.v, &batch.mask, None, sized(&mut c.ctx, t * qd), &mut c.probs);
             layer.o_proj.forward(&c.ctx, t, sized(&mut c.hmid, t * d));
             c.hmid.iter_mut().zip(x.iter()).for_each(|(a, b)| *a += b);
             sized(&mut c.rstd2, t);
@@ -606,7 +586,7 @@ impl Llama {
             rmsnorm_backward(&ws.dn, &c.hmid, &c.rstd2, &ln2.data, d, &mut ws.dhmid, true, dw);
             // attention: hmid = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = rms(x)
             layer.o_proj.backward(&c.ctx, &ws.dhmid, t, Some(sized(&mut ws.dctx, t * qd)), false);
-            causal_attention_backward(
+            attention_backward(
                 sh,
                 &c.q,
                 &c.k,
@@ -617,8 +597,8 @@ impl Llama {
                 sized(&mut ws.dk, t * kd),
                 sized(&mut ws.dv, t * kd),
             );
-            rope_apply(&mut ws.dq, sh.seq, sh.heads, sh.head_dim, &ws.cos, &ws.sin, true);
-            rope_apply(&mut ws.dk, sh.seq, sh.kv_heads, sh.head_dim, &ws.cos, &ws.sin, true);
+            rope_apply(&mut ws.dq, sh.q_len, sh.heads, sh.head_dim, &ws.cos, &ws.sin, true);
+            rope_apply(&mut ws.dk, sh.q_len, sh.kv_heads, sh.head_dim, &ws.cos, &ws.sin, true);
             let ln1 = &mut layer.input_layernorm;
             if need_dx || ln1.trainable() {
                 layer.q_proj.backward(&c.n1, &ws.dq, t, Some(&mut ws.dn), false);
@@ -814,5 +794,20 @@ impl crate::lora::host::LinearHost for Llama {
     }
     fn describe(&self) -> String {
         format!("Llama decoder with {} layers", self.layers.len())
+    }
+}
+
+impl HfModel for Llama {
+    type Config = LlamaConfig;
+    fn config(v: &Value) -> Result<LlamaConfig> {
+        LlamaConfig::from_json(v)
+    }
+    fn from_tensors(cfg: LlamaConfig, tf: &mut TensorFile) -> Result<Self> {
+        Llama::from_tensors(cfg, tf)
+    }
+    /// Every `model.*` tensor (old checkpoints' rotary `inv_freq` buffers are recomputed); an `lm_head.weight`
+    /// beside tied embeddings is ignored, as transformers ties it.
+    fn owns(k: &str) -> bool {
+        k.starts_with("model.") && !k.ends_with("rotary_emb.inv_freq")
     }
 }

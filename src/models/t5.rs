@@ -17,16 +17,16 @@
 //! classification is rank classification ([`T5::label_log_probs`], [`T5::rank_classify`]): each label string
 //! is scored by its summed log-probability under teacher forcing and the best one wins.
 
-use crate::engine::kernels::{gelu_backward_inplace, gelu_forward, Gelu};
+use super::hf::{HfDir, HfModel};
+use crate::engine::attention::{attention_backward, attention_forward, AttnSpec};
+use crate::engine::kernels::{gelu_backward_inplace, gelu_forward, rmsnorm_backward, rmsnorm_forward, Gelu};
 use crate::engine::param::Param;
-use crate::engine::t5_ops::{
-    position_bias, relu_backward_inplace, relu_forward, t5_attention_backward, t5_attention_forward, t5_norm_backward,
-    t5_norm_forward, T5AttnShape,
-};
+use crate::engine::t5_ops::{position_bias, relu_backward_inplace, relu_forward};
 use crate::engine::weights::TensorFile;
 use crate::lora::bank::BankLinear;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
+use serde_json::Value;
 use std::path::Path;
 
 /// The fields of a T5 `config.json` that loracomp uses. Unknown fields are ignored, as transformers does.
@@ -81,13 +81,10 @@ pub enum Act {
 }
 
 impl T5Config {
-    /// Read and validate `path` (a `config.json`). Errors name the file and the offending key.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        crate::util::ensure_regular(path)?;
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let cfg: T5Config =
-            serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid T5 config: {e}", path.display()))?;
-        cfg.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    /// The fields of a parsed `config.json`, validated. Errors name the offending key.
+    pub fn from_json(v: &Value) -> Result<Self> {
+        let cfg = T5Config::deserialize(v).map_err(|e| anyhow!("invalid T5 config: {e}"))?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -298,21 +295,7 @@ const ATTN_NAMES: [&str; 4] = ["q", "k", "v", "o"];
 impl T5 {
     /// Load `dir/config.json` and `dir/model.safetensors`.
     pub fn load(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
-            bail!("{}: model directory not found", dir.display());
-        }
-        let cfg = T5Config::from_file(&dir.join("config.json"))?;
-        let wpath = dir.join("model.safetensors");
-        if !wpath.exists() {
-            bail!("{}: missing (loracomp reads weights from model.safetensors)", wpath.display());
-        }
-        let mut tf = TensorFile::open(&wpath)?;
-        let model = Self::from_tensors(cfg, &mut tf)?;
-        // Every encoder/decoder tensor must have been used; the stacks' `embed_tokens` are copies of `shared`.
-        tf.refuse_unused(&dir.join("config.json"), |k| {
-            (k.starts_with("encoder.") || k.starts_with("decoder.")) && !k.ends_with(".embed_tokens.weight")
-        })?;
-        Ok(model)
+        HfDir::open(dir)?.load()
     }
 
     /// Build from a config and a tensor file with `T5ForConditionalGeneration`'s keys.
@@ -552,29 +535,29 @@ impl T5 {
         ws.dec_mask = b.decoder_attention_mask.clone().unwrap_or_else(|| vec![1.0; b.batch * b.tgt_len]);
         let (act, ff_dim) = (self.act, cfg.d_ff);
         // Encoder.
-        let sh = T5AttnShape { batch: b.batch, q_len: b.src_len, k_len: b.src_len, heads, head_dim: cfg.d_kv };
+        let sh = t5_attn(b.batch, b.src_len, b.src_len, heads, cfg.d_kv, false);
         ws.enc.bias = position_bias(&self.enc_rel_bias.data, heads, b.src_len, b.src_len, true, nb, md);
         prepare(&mut ws.enc, enc_emb, 2 * self.encoder.len());
         for (l, blk) in self.encoder.iter_mut().enumerate() {
             let c = &mut ws.enc;
             let (s0, s1) = (2 * l, 2 * l + 1);
-            attn_forward(&mut blk.self_attn, &blk.ln_self, eps, c, s0, None, sh, &b.attention_mask, false, true);
+            attn_forward(&mut blk.self_attn, &blk.ln_self, eps, c, s0, None, sh, &b.attention_mask, true);
             ff_forward(&mut blk.ff, &blk.ln_ff, eps, act, ff_dim, c, s1);
         }
         finish(&mut ws.enc, &self.enc_final_ln, eps, d, 1.0);
         // Decoder.
         let tq = b.batch * b.tgt_len;
-        let sh_self = T5AttnShape { batch: b.batch, q_len: b.tgt_len, k_len: b.tgt_len, heads, head_dim: cfg.d_kv };
-        let sh_cross = T5AttnShape { k_len: b.src_len, ..sh_self };
+        let sh_self = t5_attn(b.batch, b.tgt_len, b.tgt_len, heads, cfg.d_kv, true);
+        let sh_cross = t5_attn(b.batch, b.tgt_len, b.src_len, heads, cfg.d_kv, false);
         ws.dec.bias = position_bias(&self.dec_rel_bias.data, heads, b.tgt_len, b.tgt_len, false, nb, md);
         prepare(&mut ws.dec, dec_emb, 3 * self.decoder.len());
         let enc_out = std::mem::take(&mut ws.enc.out);
         for (l, blk) in self.decoder.iter_mut().enumerate() {
             let c = &mut ws.dec;
             let s = 3 * l;
-            attn_forward(&mut blk.self_attn, &blk.ln_self, eps, c, s, None, sh_self, &ws.dec_mask, true, true);
+            attn_forward(&mut blk.self_attn, &blk.ln_self, eps, c, s, None, sh_self, &ws.dec_mask, true);
             let (ln, cross) = blk.cross.as_mut().expect("decoder blocks have cross-attention");
-            attn_forward(cross, ln, eps, c, s + 1, Some(&enc_out), sh_cross, &b.attention_mask, false, false);
+            attn_forward(cross, ln, eps, c, s + 1, Some(&enc_out), sh_cross, &b.attention_mask, false);
             ff_forward(&mut blk.ff, &blk.ln_ff, eps, act, ff_dim, c, s + 2);
         }
         ws.enc.out = enc_out;
@@ -613,7 +596,7 @@ impl T5 {
         let scale = if cfg.scales_decoder_output() { (d as f32).powf(-0.5) } else { 1.0 };
         ws.g.dxn.iter_mut().for_each(|g| *g *= scale);
         let nd = 3 * self.decoder.len();
-        t5_norm_backward(
+        rmsnorm_backward(
             &ws.g.dxn,
             &ws.dec.hs[nd],
             &ws.dec.out_rstd,
@@ -621,10 +604,11 @@ impl T5 {
             d,
             sized(&mut ws.g.dh, tq * d),
             false,
+            None,
         );
         sized(&mut ws.d_enc_out, ts * d).fill(0.0);
-        let sh_self = T5AttnShape { batch: b.batch, q_len: b.tgt_len, k_len: b.tgt_len, heads, head_dim: cfg.d_kv };
-        let sh_cross = T5AttnShape { k_len: b.src_len, ..sh_self };
+        let sh_self = t5_attn(b.batch, b.tgt_len, b.tgt_len, heads, cfg.d_kv, true);
+        let sh_cross = t5_attn(b.batch, b.tgt_len, b.src_len, heads, cfg.d_kv, false);
         for (l, blk) in self.decoder.iter_mut().enumerate().rev() {
             let s = 3 * l;
             ff_backward(&mut blk.ff, &blk.ln_ff, act, ff_dim, &ws.dec, s + 2, &mut ws.g);
@@ -639,7 +623,7 @@ impl T5 {
             return Ok(());
         }
         let ne = 2 * self.encoder.len();
-        t5_norm_backward(
+        rmsnorm_backward(
             &ws.d_enc_out,
             &ws.enc.hs[ne],
             &ws.enc.out_rstd,
@@ -647,8 +631,9 @@ impl T5 {
             d,
             sized(&mut ws.g.dh, ts * d),
             false,
+            None,
         );
-        let sh = T5AttnShape { batch: b.batch, q_len: b.src_len, k_len: b.src_len, heads, head_dim: cfg.d_kv };
+        let sh = t5_attn(b.batch, b.src_len, b.src_len, heads, cfg.d_kv, false);
         for (l, blk) in self.encoder.iter_mut().enumerate().rev() {
             ff_backward(&mut blk.ff, &blk.ln_ff, act, ff_dim, &ws.enc, 2 * l + 1, &mut ws.g);
             attn_backward(&mut blk.self_attn, &blk.ln_self, &ws.enc, 2 * l, None, sh, &mut ws.g);
@@ -788,6 +773,11 @@ pub fn shift_right(labels: &[i64], batch: usize, len: usize, start: u32, pad: u3
 // ---------------------------------------------------------------------------------------------------------
 // Sub-layers. Each reads its input from `c.hs[s]` and writes `c.hs[s + 1] = input + sublayer(norm(input))`.
 
+/// T5 attention: no `1/√d` scale (the initialisation absorbs it), causal in the decoder's self-attention.
+fn t5_attn(batch: usize, q_len: usize, k_len: usize, heads: usize, head_dim: usize, causal: bool) -> AttnSpec {
+    AttnSpec { q_len, k_len, causal, scale: 1.0, ..AttnSpec::new(batch, q_len, heads, head_dim) }
+}
+
 fn prepare(c: &mut StackCache, emb: &[f32], subs: usize) {
     c.hs.resize(subs + 1, Vec::new());
     c.hs[0].clear();
@@ -801,7 +791,7 @@ fn finish(c: &mut StackCache, ln: &Param, eps: f32, d: usize, scale: f32) {
     let rows = c.hs[last].len() / d;
     sized(&mut c.out_rstd, rows);
     sized(&mut c.out, rows * d);
-    t5_norm_forward(&c.hs[last], &ln.data, eps, d, &mut c.out, &mut c.out_rstd);
+    rmsnorm_forward(&c.hs[last], &ln.data, eps, d, &mut c.out, &mut c.out_rstd);
     if scale != 1.0 {
         c.out.iter_mut().for_each(|x| *x *= scale);
     }
@@ -815,24 +805,23 @@ fn attn_forward(
     c: &mut StackCache,
     s: usize,
     kv: Option<&[f32]>,
-    sh: T5AttnShape,
+    sh: AttnSpec,
     kmask: &[f32],
-    causal: bool,
     with_bias: bool,
 ) {
     let d = ln.len();
-    let (tq, tk, inner) = (sh.batch * sh.q_len, sh.batch * sh.k_len, sh.inner());
+    let (tq, tk, inner) = (sh.batch * sh.q_len, sh.batch * sh.k_len, sh.q_dim());
     let (before, after) = c.hs.split_at_mut(s + 1);
     let x = &before[s];
     let ac = &mut c.attn[s];
-    t5_norm_forward(x, &ln.data, eps, d, sized(&mut ac.xn, tq * d), sized(&mut ac.rstd, tq));
+    rmsnorm_forward(x, &ln.data, eps, d, sized(&mut ac.xn, tq * d), sized(&mut ac.rstd, tq));
     a.q.forward(&ac.xn, tq, sized(&mut ac.q, tq * inner));
     let src = kv.unwrap_or(&ac.xn);
     a.k.forward(src, tk, sized(&mut ac.k, tk * inner));
     a.v.forward(src, tk, sized(&mut ac.v, tk * inner));
     let bias = with_bias.then_some(c.bias.as_slice());
     sized(&mut ac.probs, sh.probs_len());
-    t5_attention_forward(sh, &ac.q, &ac.k, &ac.v, kmask, causal, bias, sized(&mut ac.ctx, tq * inner), &mut ac.probs);
+    attention_forward(sh, &ac.q, &ac.k, &ac.v, kmask, bias, sized(&mut ac.ctx, tq * inner), &mut ac.probs);
     let y = sized(&mut after[0], tq * d);
     a.o.forward(&ac.ctx, tq, y);
     y.iter_mut().zip(x.iter()).for_each(|(o, xi)| *o += xi);
@@ -844,7 +833,7 @@ fn ff_forward(f: &mut T5Ff, ln: &Param, eps: f32, act: Act, dff: usize, c: &mut 
     let x = &before[s];
     let t = x.len() / d;
     let fc = &mut c.ff[s];
-    t5_norm_forward(x, &ln.data, eps, d, sized(&mut fc.xn, t * d), sized(&mut fc.rstd, t));
+    rmsnorm_forward(x, &ln.data, eps, d, sized(&mut fc.xn, t * d), sized(&mut fc.rstd, t));
     f.wi.forward(&fc.xn, t, sized(&mut fc.h0, t * dff));
     let a = sized(&mut fc.a, t * dff);
     match act {
@@ -870,7 +859,7 @@ fn ff_forward(f: &mut T5Ff, ln: &Param, eps: f32, act: Act, dff: usize, c: &mut 
 fn norm_residual_backward(sc: &mut Grads, x: &[f32], rstd: &[f32], ln: &Param) {
     let d = ln.len();
     sized(&mut sc.dx, x.len()).copy_from_slice(&sc.dh);
-    t5_norm_backward(&sc.dxn, x, rstd, &ln.data, d, &mut sc.dx, true);
+    rmsnorm_backward(&sc.dxn, x, rstd, &ln.data, d, &mut sc.dx, true, None);
     std::mem::swap(&mut sc.dh, &mut sc.dx);
 }
 
@@ -880,14 +869,14 @@ fn attn_backward(
     c: &StackCache,
     s: usize,
     kv: Option<(&[f32], &mut Vec<f32>)>,
-    sh: T5AttnShape,
+    sh: AttnSpec,
     sc: &mut Grads,
 ) {
     let d = ln.len();
-    let (tq, tk, inner) = (sh.batch * sh.q_len, sh.batch * sh.k_len, sh.inner());
+    let (tq, tk, inner) = (sh.batch * sh.q_len, sh.batch * sh.k_len, sh.q_dim());
     let ac = &c.attn[s];
     a.o.backward(&ac.ctx, &sc.dh, tq, Some(sized(&mut sc.dctx, tq * inner)), false);
-    t5_attention_backward(
+    attention_backward(
         sh,
         &ac.q,
         &ac.k,
@@ -971,5 +960,19 @@ impl crate::lora::host::LinearHost for T5 {
     }
     fn describe(&self) -> String {
         format!("T5 with {} encoder and {} decoder blocks", self.encoder.len(), self.decoder.len())
+    }
+}
+
+impl HfModel for T5 {
+    type Config = T5Config;
+    fn config(v: &Value) -> Result<T5Config> {
+        T5Config::from_json(v)
+    }
+    fn from_tensors(cfg: T5Config, tf: &mut TensorFile) -> Result<Self> {
+        T5::from_tensors(cfg, tf)
+    }
+    /// Every encoder/decoder tensor; the stacks' `embed_tokens` are copies of `shared`.
+    fn owns(k: &str) -> bool {
+        (k.starts_with("encoder.") || k.starts_with("decoder.")) && !k.ends_with(".embed_tokens.weight")
     }
 }

@@ -13,7 +13,8 @@
 //! (`layers.N.attention.q_proj` for ViT, `encoder.layer.N.attention.q_proj` for DINOv2) and are mapped onto
 //! the canonical paths by [`LinearHost::resolve`].
 
-use crate::engine::attention::{attention_backward, attention_forward, AttnShape};
+use super::hf::{HfDir, HfModel};
+use crate::engine::attention::{attention_backward, attention_forward, AttnSpec};
 use crate::engine::kernels::{
     gelu_backward_inplace, gelu_forward, layernorm_backward, layernorm_forward, pool_forward, Gelu, Pooling,
 };
@@ -21,7 +22,7 @@ use crate::engine::param::Param;
 use crate::engine::weights::TensorFile;
 use crate::lora::bank::BankLinear;
 use crate::lora::host::LinearHost;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use rayon::prelude::*;
 use serde_json::Value;
 use std::path::Path;
@@ -64,14 +65,6 @@ fn size_pair(v: &Value) -> Option<(usize, usize)> {
 }
 
 impl VitConfig {
-    /// Read and validate `path` (a `config.json`). Errors name the file and the offending key.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        crate::util::ensure_regular(path)?;
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))?;
-        Self::from_json(&v).map_err(|e| anyhow!("{}: {e}", path.display()))
-    }
-
     /// Parse the fields of a config object (defaults as transformers' `ViTConfig` / `Dinov2Config`).
     pub fn from_json(v: &Value) -> Result<Self> {
         let kind = match v.get("model_type").and_then(|t| t.as_str()) {
@@ -419,24 +412,7 @@ pub fn bicubic_resize(src: &[f32], gh: usize, gw: usize, d: usize, oh: usize, ow
 impl Vit {
     /// Load `dir/config.json` and `dir/model.safetensors`.
     pub fn load(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
-            bail!("{}: model directory not found", dir.display());
-        }
-        let cfg = VitConfig::from_file(&dir.join("config.json"))?;
-        let wpath = dir.join("model.safetensors");
-        if !wpath.exists() {
-            bail!("{}: missing (loracomp reads weights from model.safetensors)", wpath.display());
-        }
-        let mut tf = TensorFile::open(&wpath)?;
-        let vit = Self::from_tensors(cfg, &mut tf)?;
-        // The embeddings, encoder layers and final LayerNorm must all have been used (DINOv2's mask token is a
-        // pre-training input loracomp never feeds; pooler and classifier heads are outside the encoder).
-        tf.refuse_unused(&dir.join("config.json"), |k| {
-            let k = k.strip_prefix("vit.").or_else(|| k.strip_prefix("dinov2.")).unwrap_or(k);
-            (k.starts_with("embeddings.") || k.starts_with("encoder.") || k.starts_with("layernorm."))
-                && k != "embeddings.mask_token"
-        })?;
-        Ok(vit)
+        HfDir::open(dir)?.load()
     }
 
     /// Build from a config and a tensor file keyed as `ViTModel` / `Dinov2Model` (classic checkpoint names),
@@ -805,7 +781,7 @@ impl Vit {
                 row[i] = src[i] + pos[s * d + i];
             }
         });
-        let sh = AttnShape { batch: b, seq, heads: self.cfg.num_attention_heads, head_dim: self.cfg.head_dim() };
+        let sh = AttnSpec::new(b, seq, self.cfg.num_attention_heads, self.cfg.head_dim());
         let mask = vec![1.0f32; t];
         for (l, layer) in self.layers.iter_mut().enumerate() {
             let (before, after) = ws.hs.split_at_mut(l + 1);
@@ -827,7 +803,7 @@ impl Vit {
             layer.key.forward(&cch.n1, t, sized(&mut cch.k, t * d));
             layer.value.forward(&cch.n1, t, sized(&mut cch.v, t * d));
             sized(&mut cch.probs, sh.probs_len());
-            attention_forward(sh, &cch.q, &cch.k, &cch.v, &mask, sized(&mut cch.ctx, t * d), &mut cch.probs);
+            attention_forward(sh, &cch.q, &cch.k, &cch.v, &mask, None, sized(&mut cch.ctx, t * d), &mut cch.probs);
             layer.attn_out.forward(&cch.ctx, t, sized(&mut cch.a, t * d));
             residual_scaled(x, &cch.a, layer.ls1.as_ref(), d, sized(&mut cch.h, t * d));
             sized(&mut cch.mean2, t);
@@ -908,7 +884,7 @@ impl Vit {
                 None => return Ok(()),
             }
         };
-        let sh = AttnShape { batch: b, seq, heads: self.cfg.num_attention_heads, head_dim: self.cfg.head_dim() };
+        let sh = AttnSpec::new(b, seq, self.cfg.num_attention_heads, self.cfg.head_dim());
         let ws = &mut self.ws;
         // Final LayerNorm.
         let lp = if self.ln_g.trainable() {
@@ -1078,5 +1054,22 @@ impl LinearHost for Vit {
             VitKind::Dinov2 => "DINOv2",
         };
         format!("{k} encoder with {} layers", self.layers.len())
+    }
+}
+
+impl HfModel for Vit {
+    type Config = VitConfig;
+    fn config(v: &Value) -> Result<VitConfig> {
+        VitConfig::from_json(v)
+    }
+    fn from_tensors(cfg: VitConfig, tf: &mut TensorFile) -> Result<Self> {
+        Vit::from_tensors(cfg, tf)
+    }
+    /// The embeddings, encoder layers and final LayerNorm (with or without `vit.` / `dinov2.`). DINOv2's mask
+    /// token is a pre-training input loracomp never feeds; pooler and classifier heads are outside the encoder.
+    fn owns(k: &str) -> bool {
+        let k = k.strip_prefix("vit.").or_else(|| k.strip_prefix("dinov2.")).unwrap_or(k);
+        (k.starts_with("embeddings.") || k.starts_with("encoder.") || k.starts_with("layernorm."))
+            && k != "embeddings.mask_token"
     }
 }
