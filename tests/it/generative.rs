@@ -120,6 +120,7 @@ fn pipeline(name: &str) {
         "dare-ties",
         "magnitude-prune",
         "best-single",
+        "auto",
     ];
     for method in methods {
         let out = d.join(format!("adapt-{method}"));
@@ -150,6 +151,13 @@ fn pipeline(name: &str) {
         let metrics = run(&args);
         let acc = metrics["accuracy"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&acc), "{method}: {acc}");
+        if method == "auto" {
+            // no head: the answer cross-entropy chooses among the candidates, which it records
+            let det = &metrics["details"];
+            assert_eq!(det["selection"], "criterion", "{det}");
+            assert_eq!(det["candidates"].as_array().unwrap().len(), 1 + 2 * 4, "{det}");
+            assert!(det["candidates"].as_array().unwrap().iter().all(|c| c["criterion"].as_f64().is_some()));
+        }
         assert!(out.join("adapter/adapter_config.json").exists(), "{method}");
     }
     // retrieval by the head-free criterion works on a generative model; feature retrieval is refused
