@@ -127,7 +127,7 @@ def adapt(
     Options (the CLI's flags): ``steps``, ``batch``, ``lr``, ``lr_head``, ``weight_decay``, ``pooling``,
     ``max_len``, ``template``, ``eval_split``, ``force``, ``allow_base_mismatch``, ``rank``, ``alpha``,
     ``targets``, ``global_weights``, ``entropy_penalty``, ``export_rank``, ``select``, ``by``,
-    ``lorahub_generations``, ``density``, ``drop_p``, ``auto_scales`` (a list), ``auto_top_k``, ``auto_folds``,
+    ``lorahub_generations``, ``density``, ``drop_p``, ``auto_scales`` (a list), ``auto_top_k``, ``auto_select`` (criterion or cv), ``auto_folds``,
     ``auto_epochs``. An option of another method is an error naming it.
     """
     return json.loads(

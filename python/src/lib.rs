@@ -314,6 +314,7 @@ fn adapt(py: Python<'_>, options: Option<&Bound<'_, PyDict>>) -> PyResult<String
             select_by: o.parsed::<Retrieval>("by")?,
             auto_scales: o.floats_given("auto_scales")?,
             auto_top_k: o.count("auto_top_k")?.map(|k| k as usize),
+            auto_select: o.parsed::<loracomp::methods::auto::AutoSelect>("auto_select")?,
             auto_folds: o.count("auto_folds")?.map(|k| k as usize),
             auto_epochs: o.count("auto_epochs")?.map(|k| k as usize),
         },

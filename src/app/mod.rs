@@ -99,7 +99,9 @@ pub struct MethodOptions {
     pub auto_scales: Option<Vec<f32>>,
     /// auto: the largest retrieved set tried besides the whole bank.
     pub auto_top_k: Option<usize>,
-    /// auto: cross-validation folds.
+    /// auto: how the candidate is chosen.
+    pub auto_select: Option<crate::methods::auto::AutoSelect>,
+    /// auto: cross-validation folds (with `auto_select` cv).
     pub auto_folds: Option<usize>,
     /// auto: head-training epochs (the head trains max(steps, ⌈epochs·n/batch⌉) steps).
     pub auto_epochs: Option<usize>,
@@ -189,6 +191,7 @@ impl MethodOptions {
         let auto_given = [
             ("--auto-scales", self.auto_scales.is_some()),
             ("--auto-top-k", self.auto_top_k.is_some()),
+            ("--auto-select", self.auto_select.is_some()),
             ("--auto-folds", self.auto_folds.is_some()),
             ("--auto-epochs", self.auto_epochs.is_some()),
         ];
@@ -203,7 +206,13 @@ impl MethodOptions {
         if let Some(k) = self.auto_top_k {
             o.auto.top_k = k;
         }
+        if let Some(s) = self.auto_select {
+            o.auto.select = s;
+        }
         if let Some(f) = self.auto_folds {
+            if o.auto.select != crate::methods::auto::AutoSelect::Cv {
+                bail!("--auto-folds applies to --auto-select cv (the default selection, criterion, has no folds)");
+            }
             o.auto.folds = f;
         }
         if let Some(e) = self.auto_epochs {
@@ -644,7 +653,10 @@ pub fn applied_options(o: &AdaptOpts, kind: ModelKind) -> Value {
         Method::Auto => {
             m.insert("auto_scales".into(), json!(o.auto.scales));
             m.insert("auto_top_k".into(), json!(o.auto.top_k));
-            m.insert("auto_folds".into(), json!(o.auto.folds));
+            m.insert("auto_select".into(), json!(o.auto.select));
+            if o.auto.select == crate::methods::auto::AutoSelect::Cv {
+                m.insert("auto_folds".into(), json!(o.auto.folds));
+            }
             m.insert("auto_epochs".into(), json!(o.auto.epochs));
         }
         _ => {}

@@ -267,7 +267,11 @@ pub enum Cmd {
         /// auto: the largest retrieved set tried besides the whole bank [default: 3].
         #[arg(long)]
         auto_top_k: Option<usize>,
-        /// auto: cross-validation folds inside the few-shot set, at least 2 [default: 4].
+        /// auto: how the candidate is chosen: criterion (the head-free leave-one-out criterion) or cv
+        /// (cross-validation of the head inside the few-shot set) [default: criterion].
+        #[arg(long)]
+        auto_select: Option<crate::methods::auto::AutoSelect>,
+        /// auto --auto-select cv: cross-validation folds inside the few-shot set, at least 2 [default: 4].
         #[arg(long)]
         auto_folds: Option<usize>,
         /// auto: head-training epochs; the head trains max(--steps, ⌈epochs·n/batch⌉) steps [default: 20].
@@ -663,6 +667,7 @@ fn run_command(cli: Cli) -> Result<()> {
             drop_p,
             auto_scales,
             auto_top_k,
+            auto_select,
             auto_folds,
             auto_epochs,
         } => {
@@ -685,6 +690,7 @@ fn run_command(cli: Cli) -> Result<()> {
                     select_by: by,
                     auto_scales,
                     auto_top_k,
+                    auto_select,
                     auto_folds,
                     auto_epochs,
                 },

@@ -8,13 +8,16 @@
 //!    `top_k`, N = all modules) the k best-ranked modules with equal weights summing to each total scale T of
 //!    `scales`: ΔW = (T/k)·Σ_{n ∈ top k} ΔW_n. Unlike `learned`'s softmax, T may exceed 1 ("more than one
 //!    module's worth", kitchen_and_dining ×2 on TREC) or be 0 ("no module", HWU).
-//! 3. **Selection.** On a model with a head, by cross-validation inside the few-shot set (a user has no
-//!    validation split): the examples are split into `folds` stratified folds (fewer when a class has fewer
-//!    examples), and for each candidate a fresh head is trained on the other folds' features, exactly as the
-//!    final head is trained, and scored on the held-out fold; the candidate with the highest held-out
-//!    accuracy wins, ties going to the lower held-out cross-entropy, then to the earlier candidate. With one
-//!    example in some class (no fold can hold it out), or on a generative model (no head: the composition is
-//!    used as it is), the candidate with the lowest head-free criterion wins.
+//! 3. **Selection.** By default (`--auto-select criterion`) the candidate with the lowest head-free criterion
+//!    (the leave-one-out prototype loss of its features; a generative model's answer cross-entropy) wins.
+//!    With one example in some class an encoder's prototype criterion cannot leave it out and is ~0 for every
+//!    candidate, so the best-ranked module at scale 1 is kept (best-single's choice). `--auto-select cv`
+//!    chooses by cross-validation inside the few-shot set instead (a user has no validation split): the
+//!    examples are split into `folds` stratified folds (fewer when a class has fewer examples), and for each
+//!    candidate a fresh head is trained on the other folds' features, as the final head is trained, and
+//!    scored on the held-out fold; the highest held-out accuracy wins, ties going to the lower held-out
+//!    cross-entropy, then to the earlier candidate. On the task-shift suite the criterion chose better
+//!    (docs/methods.md, "`auto`"): 4 folds of one example a class make held-out accuracy too coarse.
 //! 4. **Training.** The chosen composition is fixed and the head is trained on its features for
 //!    max(steps, ⌈epochs·n/batch⌉) steps ([`head_steps`]): a budget that grows with the few-shot set.
 //!
@@ -36,7 +39,9 @@ pub struct AutoOpts {
     pub scales: Vec<f32>,
     /// The largest retrieved set tried besides the whole bank (set sizes 1, 2, 3 up to this, and N).
     pub top_k: usize,
-    /// Cross-validation folds (at most the smallest class's example count).
+    /// How the candidate is chosen.
+    pub select: AutoSelect,
+    /// Cross-validation folds (at most the smallest class's example count), with [`AutoSelect::Cv`].
     pub folds: usize,
     /// Head-training epochs: the head trains max(steps, ⌈epochs·n/batch⌉) steps.
     pub epochs: usize,
@@ -44,7 +49,7 @@ pub struct AutoOpts {
 
 impl Default for AutoOpts {
     fn default() -> Self {
-        AutoOpts { scales: vec![0.5, 1.0, 2.0, 3.0], top_k: 3, folds: 4, epochs: 20 }
+        AutoOpts { scales: vec![0.5, 1.0, 2.0, 3.0], top_k: 3, select: AutoSelect::Criterion, folds: 4, epochs: 20 }
     }
 }
 
@@ -67,6 +72,27 @@ impl AutoOpts {
             bail!("--auto-epochs must be at least 1");
         }
         Ok(())
+    }
+}
+
+/// How `auto` chooses among its candidates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AutoSelect {
+    /// The head-free criterion (leave-one-out prototype loss; answer cross-entropy on a generative model).
+    Criterion,
+    /// Cross-validation of the head inside the few-shot set (held-out accuracy, then cross-entropy).
+    Cv,
+}
+
+impl std::str::FromStr for AutoSelect {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "criterion" => Ok(AutoSelect::Criterion),
+            "cv" => Ok(AutoSelect::Cv),
+            _ => Err(format!("unknown selection '{s}' (criterion, cv)")),
+        }
     }
 }
 
@@ -179,7 +205,7 @@ pub fn run(
             cands.push(Candidate { modules: ranking[..k].to_vec(), scale: s });
         }
     }
-    let weights: Vec<Vec<f32>> = cands.iter().map(|c| c.weights(n)).collect();
+    let mut weights: Vec<Vec<f32>> = cands.iter().map(|c| c.weights(n)).collect();
 
     // 3. Selection: cross-validation of the head where there is one and every class has two examples.
     let labels: Vec<usize> = data.iter().map(|e| e.label).collect();
@@ -202,7 +228,7 @@ pub fn run(
                 }
                 criterion.push(l);
             }
-            if folds >= 2 {
+            if folds >= 2 && opts.select == AutoSelect::Cv {
                 let fold = fold_of(&labels, classes, folds);
                 for f in &feats {
                     cv.push(cross_validate(
@@ -225,7 +251,30 @@ pub fn run(
             criterion = c;
         }
     }
-    let chosen = if cv.is_empty() {
+    // With one example in a class and a head, the prototype criterion cannot leave that example out and is
+    // ~0 for every candidate (0.001–0.07 on the task-shift suite): the best-ranked module at scale 1 is kept,
+    // best-single's choice.
+    let singleton = model.has_head() && min_count < 2;
+    let mut fallback = None;
+    if singleton && cv.is_empty() {
+        let top = vec![ranking[0]];
+        let at = cands.iter().position(|c| c.modules == top && c.scale == 1.0);
+        fallback = Some(match at {
+            Some(i) => i,
+            None => {
+                cands.push(Candidate { modules: top, scale: 1.0 });
+                let w = cands.last().expect("just pushed").weights(n);
+                let (c, p) = model.criterion_population(paths, data, std::slice::from_ref(&w), false)?;
+                passes += p;
+                criterion.push(c[0]);
+                weights.push(w);
+                cands.len() - 1
+            }
+        });
+    }
+    let chosen = if let Some(i) = fallback {
+        i
+    } else if cv.is_empty() {
         argmin_finite(&criterion, "auto", "candidate composition")?
     } else {
         crate::util::ensure_finite(cv.iter().map(|c| c.1), "auto", "candidate's held-out cross-entropy")?;
@@ -252,7 +301,11 @@ pub fn run(
         })
         .collect();
     Ok(json!({
-        "selection": if cv.is_empty() { "criterion" } else { "cross-validation" },
+        "selection": match (fallback.is_some(), cv.is_empty()) {
+            (true, _) => "best-ranked module (a class has one example)",
+            (false, true) => "criterion",
+            (false, false) => "cross-validation",
+        },
         "folds": if cv.is_empty() { 0 } else { folds },
         "ranking": ranking,
         "module_criterion": module_crit,

@@ -71,7 +71,8 @@ fn fails(args: &[&str]) -> String {
 fn auto_records_its_choices_and_is_deterministic_across_threads() {
     let e = Env::new("auto-vit");
     let out1 = e.d.join("auto-t1");
-    let m1 = run(&e.args(&out1, &e.bank, &["--method", "auto", "--seed", "3"]), "1");
+    let cv = ["--method", "auto", "--seed", "3", "--auto-select", "cv"];
+    let m1 = run(&e.args(&out1, &e.bank, &cv), "1");
     let det = &m1["details"];
     assert_eq!(det["selection"], "cross-validation", "{det}");
     assert_eq!(det["folds"], 4);
@@ -95,17 +96,37 @@ fn auto_records_its_choices_and_is_deterministic_across_threads() {
     assert_eq!(m1["options"]["auto_folds"], 4);
     assert!(m1["options"].get("lorahub_generations").is_none());
     let out2 = e.d.join("auto-t2");
-    let m2 = run(&e.args(&out2, &e.bank, &["--method", "auto", "--seed", "3"]), "2");
+    let m2 = run(&e.args(&out2, &e.bank, &cv), "2");
     for k in ["accuracy", "macro_f1", "final_loss", "details", "module_weights"] {
         assert_eq!(m1[k], m2[k], "'{k}' differs between 1 and 2 threads");
     }
+    // the default selection, the head-free criterion: the lowest criterion wins, the same at 1 and 2 threads
+    let (o1, o2) = (e.d.join("crit-t1"), e.d.join("crit-t2"));
+    let c1 = run(&e.args(&o1, &e.bank, &["--method", "auto"]), "1");
+    let c2 = run(&e.args(&o2, &e.bank, &["--method", "auto"]), "2");
+    for k in ["accuracy", "macro_f1", "final_loss", "details", "module_weights"] {
+        assert_eq!(c1[k], c2[k], "criterion: '{k}' differs between 1 and 2 threads");
+    }
+    let det = &c1["details"];
+    assert_eq!(det["selection"], "criterion", "{det}");
+    assert_eq!(c1["options"]["auto_select"], "criterion");
+    assert!(c1["options"].get("auto_folds").is_none());
+    let crit: Vec<f64> =
+        det["candidates"].as_array().unwrap().iter().map(|c| c["criterion"].as_f64().unwrap()).collect();
+    let best = (0..crit.len()).min_by(|&a, &b| crit[a].total_cmp(&crit[b])).unwrap();
+    assert_eq!(det["chosen"], best, "{det}");
+    assert!(det["candidates"][0].get("cv_accuracy").is_none(), "no cross-validation is run: {det}");
     // one example a class: no fold can hold a class out, so the head-free criterion chooses
     let out3 = e.d.join("auto-1shot");
     let mut a = e.args(&out3, &e.bank, &["--method", "auto"]);
     a[6] = "1";
     let m3 = run(&a, "1");
-    assert_eq!(m3["details"]["selection"], "criterion", "{}", m3["details"]);
-    assert_eq!(m3["details"]["folds"], 0);
+    let det = &m3["details"];
+    assert_eq!(det["selection"], "best-ranked module (a class has one example)", "{det}");
+    assert_eq!(det["folds"], 0);
+    // the prototype criterion cannot leave a lone example out: the best-ranked module alone at scale 1
+    assert_eq!(det["kept"], serde_json::json!([det["ranking"][0]]), "{det}");
+    assert_eq!(det["scale"], 1.0);
 }
 
 /// A copy of `src` with every LoRA factor replaced by uniform noise in ±`amp`.
@@ -146,10 +167,10 @@ fn auto_chooses_a_composition_where_the_bare_encoder_fails() {
     let m = run(&e.args(&out, &noise, &["--method", "auto"]), "1");
     let det = &m["details"];
     let cands = det["candidates"].as_array().unwrap();
-    let none = cands[0]["cv_accuracy"].as_f64().unwrap();
+    let none = cands[0]["criterion"].as_f64().unwrap();
     let chosen = &cands[det["chosen"].as_u64().unwrap() as usize];
     assert!(det["scale"].as_f64().unwrap() > 0.0 && !det["kept"].as_array().unwrap().is_empty(), "{det}");
-    assert!(chosen["cv_accuracy"].as_f64().unwrap() > none, "{det}");
+    assert!(chosen["criterion"].as_f64().unwrap() < none, "{det}");
     assert!(m["accuracy"].as_f64().unwrap() > p["accuracy"].as_f64().unwrap(), "{}", m["accuracy"]);
 }
 
@@ -192,8 +213,12 @@ fn auto_leaves_a_bank_of_noise_out() {
     assert_eq!(det["scale"], 0.0, "{det}");
     assert!(det["kept"].as_array().unwrap().is_empty(), "{det}");
     let cands = det["candidates"].as_array().unwrap();
-    let none = cands[0]["cv_accuracy"].as_f64().unwrap();
-    assert!(cands[1..].iter().any(|c| c["cv_accuracy"].as_f64().unwrap() < none), "{det}");
+    let none = cands[0]["criterion"].as_f64().unwrap();
+    assert!(cands[1..].iter().all(|c| c["criterion"].as_f64().unwrap() > none), "{det}");
+    // cross-validation of the head agrees
+    let out = e.d.join("auto-cv");
+    let m = run(&e.args(&out, &noise, &["--method", "auto", "--auto-select", "cv"]), "1");
+    assert_eq!(m["details"]["scale"], 0.0, "{}", m["details"]);
 }
 
 #[test]
@@ -205,7 +230,9 @@ fn auto_options_belong_to_auto_and_no_op_values_are_refused() {
         (&["--method", "learned", "--auto-scales", "1,2"][..], "--auto-scales does not apply"),
         (&["--method", "best-single", "--auto-top-k", "2"][..], "--auto-top-k does not apply"),
         (&["--method", "lorahub", "--auto-epochs", "5"][..], "--auto-epochs does not apply"),
-        (&["--method", "auto", "--auto-folds", "1"][..], "--auto-folds must be at least 2"),
+        (&["--method", "uniform", "--auto-select", "cv"][..], "--auto-select does not apply"),
+        (&["--method", "auto", "--auto-folds", "3"][..], "--auto-folds applies to --auto-select cv"),
+        (&["--method", "auto", "--auto-select", "cv", "--auto-folds", "1"][..], "--auto-folds must be at least 2"),
         (&["--method", "auto", "--auto-scales", "0"][..], "--auto-scales must be positive"),
         (&["--method", "auto", "--auto-scales", "1,-2"][..], "--auto-scales must be positive"),
         (&["--method", "auto", "--auto-top-k", "0"][..], "--auto-top-k must be at least 1"),
