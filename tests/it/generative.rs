@@ -484,7 +484,7 @@ fn a_sweep_runs_on_a_generative_model() {
         &cfg,
         format!(
             "name = \"gen\"\nmodel = \"{}\"\ndata = \"{}\"\nupstream = [\"up1\", \"up2\"]\ndownstream = [\"down\"]\n\
-             shots = [2]\nseeds = 1\nmethods = [\"lora\", \"uniform\", \"learned\"]\n\n[bank]\nrank = 2\nalpha = 4\n\
+             shots = [2]\nseeds = 1\nmethods = [\"lora\", \"uniform\", \"learned\", \"auto\"]\n\n[bank]\nrank = 2\nalpha = 4\n\
              targets = [\"q_proj\", \"v_proj\"]\nepochs = 1\nbatch = 8\n\n[adapt]\nsteps = 3\nbatch = 4\nmax_len = 32\n\
              eval_limit = 5\n",
             m.display(),
@@ -496,6 +496,11 @@ fn a_sweep_runs_on_a_generative_model() {
     let o = bin().args(["sweep", "--quiet", "--config"]).arg(&cfg).arg("--out").arg(&out).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let lines = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
-    assert_eq!(lines.lines().count(), 3, "{lines}");
+    assert_eq!(lines.lines().count(), 4, "{lines}");
+    // auto's row records its choices
+    let row: Value =
+        lines.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).find(|r| r["method"] == "auto").unwrap();
+    assert_eq!(row["auto"]["selection"], "criterion", "{row}");
+    assert!(row["auto"]["candidates"].as_array().is_some_and(|c| !c.is_empty()), "{row}");
     assert!(out.join("report.md").exists());
 }
