@@ -121,13 +121,14 @@ def adapt(
     """K-shot adaptation with one method (``loracomp adapt``); returns the metrics written to ``out/metrics.json``.
 
     ``shots`` is K examples per class (or ``"full"``); ``method`` one of linear-probe, full, lora, uniform,
-    learned, lorahub, lorahub-compat, task-arithmetic, ties, dare, dare-ties, magnitude-prune, best-single;
-    ``bank`` the PEFT adapter directories composed. The adapter is exported to ``out/adapter``.
+    learned, lorahub, lorahub-compat, task-arithmetic, ties, dare, dare-ties, magnitude-prune, best-single,
+    auto (the recommended composition); ``bank`` the PEFT adapter directories composed. The adapter is exported to ``out/adapter``.
 
     Options (the CLI's flags): ``steps``, ``batch``, ``lr``, ``lr_head``, ``weight_decay``, ``pooling``,
     ``max_len``, ``template``, ``eval_split``, ``force``, ``allow_base_mismatch``, ``rank``, ``alpha``,
     ``targets``, ``global_weights``, ``entropy_penalty``, ``export_rank``, ``select``, ``by``,
-    ``lorahub_generations``, ``density``, ``drop_p``. An option of another method is an error naming it.
+    ``lorahub_generations``, ``density``, ``drop_p``, ``auto_scales`` (a list), ``auto_top_k``, ``auto_select`` (criterion or cv), ``auto_folds``,
+    ``auto_epochs``. An option of another method is an error naming it.
     """
     return json.loads(
         _loracomp.adapt(

@@ -184,6 +184,18 @@ impl<'py> Opts<'py> {
         Ok(out)
     }
 
+    /// A list of numbers, `None` when not given (an empty list given is passed on, to be refused).
+    fn floats_given(&self, name: &str) -> PyResult<Option<Vec<f32>>> {
+        let Some(v) = self.take(name)? else { return Ok(None) };
+        let mut out = Vec::new();
+        let it = v.try_iter().map_err(|_| self.bad_type(name, "a list of numbers", &v))?;
+        for x in it {
+            let x = x?;
+            out.push(x.extract::<f64>().map_err(|_| self.bad_type(name, "a list of numbers", &x))? as f32);
+        }
+        Ok(Some(out))
+    }
+
     /// Shots: a positive whole number, or "full".
     fn shots(&self, name: &str) -> PyResult<Option<Shots>> {
         let Some(v) = self.take(name)? else { return Ok(None) };
@@ -300,6 +312,11 @@ fn adapt(py: Python<'_>, options: Option<&Bound<'_, PyDict>>) -> PyResult<String
             drop_p: o.float("drop_p")?,
             select: o.count("select")?.map(|k| k as usize),
             select_by: o.parsed::<Retrieval>("by")?,
+            auto_scales: o.floats_given("auto_scales")?,
+            auto_top_k: o.count("auto_top_k")?.map(|k| k as usize),
+            auto_select: o.parsed::<loracomp::methods::auto::AutoSelect>("auto_select")?,
+            auto_folds: o.count("auto_folds")?.map(|k| k as usize),
+            auto_epochs: o.count("auto_epochs")?.map(|k| k as usize),
         },
         export_rank: o.positive("export_rank")?,
     };

@@ -95,6 +95,16 @@ pub struct MethodOptions {
     pub drop_p: Option<f32>,
     pub select: Option<usize>,
     pub select_by: Option<Retrieval>,
+    /// auto: total scales of the candidate compositions.
+    pub auto_scales: Option<Vec<f32>>,
+    /// auto: the largest retrieved set tried besides the whole bank.
+    pub auto_top_k: Option<usize>,
+    /// auto: how the candidate is chosen.
+    pub auto_select: Option<crate::methods::auto::AutoSelect>,
+    /// auto: cross-validation folds (with `auto_select` cv).
+    pub auto_folds: Option<usize>,
+    /// auto: head-training epochs (the head trains max(steps, ⌈epochs·n/batch⌉) steps).
+    pub auto_epochs: Option<usize>,
 }
 
 impl MethodOptions {
@@ -178,6 +188,37 @@ impl MethodOptions {
             }
             o.select = Some(k);
         }
+        let auto_given = [
+            ("--auto-scales", self.auto_scales.is_some()),
+            ("--auto-top-k", self.auto_top_k.is_some()),
+            ("--auto-select", self.auto_select.is_some()),
+            ("--auto-folds", self.auto_folds.is_some()),
+            ("--auto-epochs", self.auto_epochs.is_some()),
+        ];
+        if let Some((flag, _)) = auto_given.iter().find(|(_, given)| *given) {
+            if method != Method::Auto {
+                refuse(flag, "auto")?;
+            }
+        }
+        if let Some(s) = &self.auto_scales {
+            o.auto.scales = s.clone();
+        }
+        if let Some(k) = self.auto_top_k {
+            o.auto.top_k = k;
+        }
+        if let Some(s) = self.auto_select {
+            o.auto.select = s;
+        }
+        if let Some(f) = self.auto_folds {
+            if o.auto.select != crate::methods::auto::AutoSelect::Cv {
+                bail!("--auto-folds applies to --auto-select cv (the default selection, criterion, has no folds)");
+            }
+            o.auto.folds = f;
+        }
+        if let Some(e) = self.auto_epochs {
+            o.auto.epochs = e;
+        }
+        o.auto.validate()?;
         if let Some(by) = self.select_by {
             if self.select.is_none() {
                 bail!("--by ranks modules for --select; give --select K");
@@ -608,6 +649,15 @@ pub fn applied_options(o: &AdaptOpts, kind: ModelKind) -> Value {
         Method::DareTies => {
             m.insert("density".into(), json!(o.density));
             m.insert("drop_p".into(), json!(o.drop_p));
+        }
+        Method::Auto => {
+            m.insert("auto_scales".into(), json!(o.auto.scales));
+            m.insert("auto_top_k".into(), json!(o.auto.top_k));
+            m.insert("auto_select".into(), json!(o.auto.select));
+            if o.auto.select == crate::methods::auto::AutoSelect::Cv {
+                m.insert("auto_folds".into(), json!(o.auto.folds));
+            }
+            m.insert("auto_epochs".into(), json!(o.auto.epochs));
         }
         _ => {}
     }

@@ -217,7 +217,8 @@ pub enum Cmd {
         #[arg(long)]
         shots: Shots,
         /// linear-probe | full | lora | uniform | learned | lorahub | lorahub-compat | task-arithmetic | ties |
-        /// dare | dare-ties | magnitude-prune | best-single (docs/methods.md).
+        /// dare | dare-ties | magnitude-prune | best-single | auto (docs/methods.md; auto is the recommended
+        /// composition).
         #[arg(long)]
         method: crate::methods::Method,
         /// Bank adapter directories (PEFT LoRA); needed by every method but linear-probe, full and lora.
@@ -259,6 +260,23 @@ pub enum Cmd {
         /// ties, dare-ties, magnitude-prune: fraction of entries kept, in (0, 1] [default: 0.2].
         #[arg(long)]
         density: Option<f32>,
+        /// auto: total scales of the candidate compositions, comma-separated, each > 0 (0, no module, is always
+        /// a candidate) [default: 0.5,1,2,3].
+        #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+        auto_scales: Option<Vec<f32>>,
+        /// auto: the largest retrieved set tried besides the whole bank [default: 3].
+        #[arg(long)]
+        auto_top_k: Option<usize>,
+        /// auto: how the candidate is chosen: criterion (the head-free leave-one-out criterion) or cv
+        /// (cross-validation of the head inside the few-shot set) [default: criterion].
+        #[arg(long)]
+        auto_select: Option<crate::methods::auto::AutoSelect>,
+        /// auto --auto-select cv: cross-validation folds inside the few-shot set, at least 2 [default: 4].
+        #[arg(long)]
+        auto_folds: Option<usize>,
+        /// auto: head-training epochs; the head trains max(--steps, ⌈epochs·n/batch⌉) steps [default: 20].
+        #[arg(long)]
+        auto_epochs: Option<usize>,
         /// dare, dare-ties: drop probability, in (0, 1) [default: 0.5].
         #[arg(long)]
         drop_p: Option<f32>,
@@ -654,6 +672,11 @@ fn run_command(cli: Cli) -> Result<()> {
             lorahub_generations,
             density,
             drop_p,
+            auto_scales,
+            auto_top_k,
+            auto_select,
+            auto_folds,
+            auto_epochs,
         } => {
             let spec = crate::app::AdaptSpec {
                 common: args.common(),
@@ -672,6 +695,11 @@ fn run_command(cli: Cli) -> Result<()> {
                     drop_p,
                     select,
                     select_by: by,
+                    auto_scales,
+                    auto_top_k,
+                    auto_select,
+                    auto_folds,
+                    auto_epochs,
                 },
                 export_rank,
             };

@@ -162,6 +162,8 @@ pub fn cell_cost(method: &str, modules: usize, steps: usize, batch: usize, n_few
     let forward = 1.0 + 0.01 * modules as f64;
     let train = match method_factor(method, modules) {
         Some(f) => steps as f64 * per_step * f,
+        // auto scores each module alone and its 17 default candidates over the few-shot set
+        None if method == "auto" => n_fewshot as f64 / 3.0 * forward * (modules + 17) as f64,
         None => n_fewshot as f64 / 3.0 * forward,
     };
     train + n_test as f64 / 3.0 * forward + 1.0

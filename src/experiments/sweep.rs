@@ -339,6 +339,9 @@ pub struct Cell {
     /// The arithmetic the cell was computed in ([`compute_mode`]); lines written before it was recorded are f32.
     #[serde(default = "f32_mode")]
     pub compute: String,
+    /// `auto`'s choices (modules kept, scale, candidates' scores, head steps); absent for other methods.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub auto: serde_json::Value,
 }
 
 /// Read results.jsonl; a torn last line (a kill mid-write) is cut off, any other bad line is an error. Only the
@@ -1096,6 +1099,7 @@ fn run_cells(
             train_seconds: r.train_seconds,
             weights: if m == Method::Learned { r.weights.into_iter().collect() } else { BTreeMap::new() },
             compute: compute_mode().to_string(),
+            auto: if m == Method::Auto { r.details } else { serde_json::Value::Null },
         };
         append_result(file, &cell)?;
         pb.println(&format!(

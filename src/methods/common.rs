@@ -291,8 +291,23 @@ pub fn train_head_on_features(
     opts: &LoopOpts,
     lr: f32,
 ) -> Result<Vec<f32>> {
-    let d = model.encoder.hidden();
-    let c = model.classes;
+    let (d, c) = (model.encoder.hidden(), model.classes);
+    let losses = train_linear_head(&mut model.head, feats, labels, d, c, opts, lr)?;
+    invalidate(model);
+    Ok(losses)
+}
+
+/// Train a linear head `head` (`[c, d]`) on features `feats` (`[n, d]`) with softmax cross-entropy: the
+/// sampler, schedule and optimiser of [`train_model`]. Returns the per-step losses.
+pub fn train_linear_head(
+    head: &mut crate::lora::bank::BankLinear,
+    feats: &[f32],
+    labels: &[usize],
+    d: usize,
+    c: usize,
+    opts: &LoopOpts,
+    lr: f32,
+) -> Result<Vec<f32>> {
     let opt = AdamW { weight_decay: opts.weight_decay, ..Default::default() };
     let mut sampler = Sampler::new(labels.len(), opts.batch, opts.seed);
     let mut losses = Vec::new();
@@ -302,7 +317,6 @@ pub fn train_head_on_features(
         let x: Vec<f32> = idx.iter().flat_map(|&i| feats[i * d..(i + 1) * d].iter().copied()).collect();
         let y: Vec<usize> = idx.iter().map(|&i| labels[i]).collect();
         let mut logits = vec![0.0; b * c];
-        let head = &mut model.head;
         for p in [&mut head.w].into_iter().chain(head.bias.as_mut()) {
             p.zero_grad();
         }
@@ -320,7 +334,6 @@ pub fn train_head_on_features(
         head.invalidate();
         losses.push(loss);
     }
-    invalidate(model);
     Ok(losses)
 }
 

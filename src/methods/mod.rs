@@ -11,7 +11,9 @@
 //! | `lorahub`, `lorahub-compat` | head (module weights searched by CMA-ES) | `peers.rs` |
 //! | `task-arithmetic`, `ties`, `dare`, `dare-ties`, `magnitude-prune` | head (dense merge, λ chosen) | `peers.rs`, `merges.rs` |
 //! | `best-single` | head (one module chosen) | `peers.rs` |
+//! | `auto` | head (retrieval, scale and set size chosen by cross-validation) | `auto.rs` |
 
+pub mod auto;
 pub mod bank;
 pub mod common;
 pub mod export;
@@ -62,6 +64,8 @@ pub enum Method {
     DareTies,
     MagnitudePrune,
     BestSingle,
+    /// The recommended composition (`auto.rs`): retrieval, scaled candidates, cross-validated choice.
+    Auto,
 }
 
 impl Method {
@@ -78,6 +82,10 @@ impl Method {
         Method::MagnitudePrune,
         Method::BestSingle,
     ];
+    /// Every method `adapt` knows: the paper's, the peers, and `auto`.
+    pub fn every() -> impl Iterator<Item = Method> {
+        Method::ALL.into_iter().chain(Method::PEERS).chain([Method::Auto])
+    }
     pub fn name(self) -> &'static str {
         match self {
             Method::LinearProbe => "linear-probe",
@@ -93,6 +101,7 @@ impl Method {
             Method::DareTies => "dare-ties",
             Method::MagnitudePrune => "magnitude-prune",
             Method::BestSingle => "best-single",
+            Method::Auto => "auto",
         }
     }
     pub fn needs_bank(self) -> bool {
@@ -107,8 +116,8 @@ impl Method {
 impl std::str::FromStr for Method {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Method::ALL.into_iter().chain(Method::PEERS).find(|m| m.name() == s).ok_or_else(|| {
-            let names: Vec<&str> = Method::ALL.iter().chain(Method::PEERS.iter()).map(|m| m.name()).collect();
+        Method::every().find(|m| m.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Method::every().map(|m| m.name()).collect();
             format!("unknown method '{s}' ({})", names.join(", "))
         })
     }
@@ -164,6 +173,8 @@ pub struct AdaptOpts {
     /// Density kept by TIES / magnitude pruning, drop probability of DARE.
     pub density: f32,
     pub drop_p: f32,
+    /// `auto`'s settings.
+    pub auto: auto::AutoOpts,
 }
 
 impl AdaptOpts {
@@ -193,6 +204,7 @@ impl AdaptOpts {
             lorahub_generations: 40,
             density: 0.2,
             drop_p: 0.5,
+            auto: auto::AutoOpts::default(),
         }
     }
 }
@@ -333,6 +345,7 @@ pub fn adapt_encoded_with(
                     peer == Method::LorahubCompat,
                 )?,
                 Method::BestSingle => peers::best_single(model, &paths, n, train_enc)?,
+                Method::Auto => auto::run(model, &paths, n, train_enc, &opts.auto, &opts.loop_opts, opts.lr_head)?,
                 dense => {
                     let merge = match dense {
                         Method::TaskArithmetic => Merge::TaskArithmetic,
@@ -354,7 +367,11 @@ pub fn adapt_encoded_with(
         trainable_params -= bank.len() * adapted.len().saturating_sub(1);
     }
     let losses = if opts.method.frozen_encoder() {
-        model.train_head_only(train_enc, &opts.loop_opts, opts.lr_head, opts.eval_batch)?
+        let mut loop_opts = opts.loop_opts.clone();
+        if opts.method == Method::Auto {
+            loop_opts.steps = auto::head_steps(&opts.loop_opts, opts.auto.epochs, train_enc.len());
+        }
+        model.train_head_only(train_enc, &loop_opts, opts.lr_head, opts.eval_batch)?
     } else {
         let (lr_head, lr_body) = (opts.lr_head, opts.lr_body);
         let lr_for = move |n: &str| if n.starts_with("classifier.") { lr_head } else { lr_body };

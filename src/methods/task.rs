@@ -57,6 +57,18 @@ pub trait TaskModel: LinearHost {
         }
         Ok((out, cands.len()))
     }
+    /// Pooled features of `data` under each candidate weight vector on the layers `paths` (`[n, hidden]` each,
+    /// in input order) and the number of forward passes spent, for choosing among compositions by what a head
+    /// trained on them does (`auto`'s cross-validation); `None` for a model without a head. The layers are left
+    /// with a per-group composition.
+    fn features_population(
+        &mut self,
+        _paths: &[String],
+        _data: &[Encoded],
+        _cands: &[Vec<f32>],
+    ) -> Result<Option<(Vec<Vec<f32>>, usize)>> {
+        Ok(None)
+    }
     /// Train only the head, the rest frozen (head-only methods). Returns the per-step losses; a model without
     /// a head trains nothing and returns its loss on `data` once.
     fn train_head_only(
@@ -131,6 +143,14 @@ impl TaskModel for Classifier {
         sum_factors: bool,
     ) -> Result<(Vec<f64>, usize)> {
         score_population_in(self, paths, data, cands, sum_factors, POPULATION_ROWS)
+    }
+    fn features_population(
+        &mut self,
+        paths: &[String],
+        data: &[Encoded],
+        cands: &[Vec<f32>],
+    ) -> Result<Option<(Vec<Vec<f32>>, usize)>> {
+        Ok(Some(features_population_in(self, paths, data, cands, false, POPULATION_ROWS)?))
     }
     fn train_head_only(
         &mut self,
@@ -372,7 +392,28 @@ pub fn score_population_in(
     sum_factors: bool,
     max_rows: usize,
 ) -> Result<(Vec<f64>, usize)> {
-    let (d, ne, pooling, pad, classes) = (model.encoder.hidden(), data.len(), model.pooling, model.pad, model.classes);
+    let (d, classes) = (model.encoder.hidden(), model.classes);
+    let (feats, passes) = features_population_in(model, paths, data, cands, sum_factors, max_rows)?;
+    let labels: Vec<usize> = data.iter().map(|e| e.label).collect();
+    let losses = feats
+        .iter()
+        .enumerate()
+        .map(|(c, f)| finite(&format!("prototype criterion of candidate {c}"), prototype_loss(f, &labels, classes, d)))
+        .collect::<Result<Vec<f64>>>()?;
+    Ok((losses, passes))
+}
+
+/// The pooled features of `data` under each candidate of `cands` (`[n, hidden]` each, input order), computed
+/// in the batched population passes of [`score_population_in`], and the number of passes.
+pub fn features_population_in(
+    model: &mut Classifier,
+    paths: &[String],
+    data: &[Encoded],
+    cands: &[Vec<f32>],
+    sum_factors: bool,
+    max_rows: usize,
+) -> Result<(Vec<Vec<f32>>, usize)> {
+    let (d, ne, pooling, pad) = (model.encoder.hidden(), data.len(), model.pooling, model.pad);
     // Rows an example takes in a pass: its tokens, or for an image its patches plus the CLS token.
     let patch = match &model.encoder {
         Encoder::Vit(v) => v.cfg.patch_size.max(1),
@@ -440,11 +481,5 @@ pub fn score_population_in(
         }
         start = end;
     }
-    let labels: Vec<usize> = data.iter().map(|e| e.label).collect();
-    let losses = feats
-        .iter()
-        .enumerate()
-        .map(|(c, f)| finite(&format!("prototype criterion of candidate {c}"), prototype_loss(f, &labels, classes, d)))
-        .collect::<Result<Vec<f64>>>()?;
-    Ok((losses, passes))
+    Ok((feats, passes))
 }

@@ -120,6 +120,7 @@ fn pipeline(name: &str) {
         "dare-ties",
         "magnitude-prune",
         "best-single",
+        "auto",
     ];
     for method in methods {
         let out = d.join(format!("adapt-{method}"));
@@ -150,6 +151,13 @@ fn pipeline(name: &str) {
         let metrics = run(&args);
         let acc = metrics["accuracy"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&acc), "{method}: {acc}");
+        if method == "auto" {
+            // no head: the answer cross-entropy chooses among the candidates, which it records
+            let det = &metrics["details"];
+            assert_eq!(det["selection"], "criterion", "{det}");
+            assert_eq!(det["candidates"].as_array().unwrap().len(), 1 + 2 * 4, "{det}");
+            assert!(det["candidates"].as_array().unwrap().iter().all(|c| c["criterion"].as_f64().is_some()));
+        }
         assert!(out.join("adapter/adapter_config.json").exists(), "{method}");
     }
     // retrieval by the head-free criterion works on a generative model; feature retrieval is refused
@@ -506,7 +514,7 @@ fn a_sweep_runs_on_a_generative_model() {
         &cfg,
         format!(
             "name = \"gen\"\nmodel = \"{}\"\ndata = \"{}\"\nupstream = [\"up1\", \"up2\"]\ndownstream = [\"down\"]\n\
-             shots = [2]\nseeds = 1\nmethods = [\"lora\", \"uniform\", \"learned\"]\n\n[bank]\nrank = 2\nalpha = 4\n\
+             shots = [2]\nseeds = 1\nmethods = [\"lora\", \"uniform\", \"learned\", \"auto\"]\n\n[bank]\nrank = 2\nalpha = 4\n\
              targets = [\"q_proj\", \"v_proj\"]\nepochs = 1\nbatch = 8\n\n[adapt]\nsteps = 3\nbatch = 4\nmax_len = 32\n\
              eval_limit = 5\n",
             m.display(),
@@ -518,6 +526,11 @@ fn a_sweep_runs_on_a_generative_model() {
     let o = bin().args(["sweep", "--quiet", "--config"]).arg(&cfg).arg("--out").arg(&out).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let lines = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
-    assert_eq!(lines.lines().count(), 3, "{lines}");
+    assert_eq!(lines.lines().count(), 4, "{lines}");
+    // auto's row records its choices
+    let row: Value =
+        lines.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).find(|r| r["method"] == "auto").unwrap();
+    assert_eq!(row["auto"]["selection"], "criterion", "{row}");
+    assert!(row["auto"]["candidates"].as_array().is_some_and(|c| !c.is_empty()), "{row}");
     assert!(out.join("report.md").exists());
 }

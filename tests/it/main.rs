@@ -1,5 +1,6 @@
 //! Every integration test in one crate (one binary to compile and link instead of one per file).
 
+mod auto;
 mod bad_input_adapt;
 mod bad_input_cli;
 mod bad_input_model;

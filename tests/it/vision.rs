@@ -15,7 +15,7 @@ use std::path::Path;
 
 /// A synthetic image task: class c has a bright horizontal band at rows 4c..4c+3 (plus noise), so a tiny ViT
 /// can learn it from a few steps. `per` images per class and split.
-fn write_task(dir: &Path, classes: usize, shape: ImageShape, per: [usize; 3], seed: u64) {
+pub(crate) fn write_task(dir: &Path, classes: usize, shape: ImageShape, per: [usize; 3], seed: u64) {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     std::fs::create_dir_all(dir).unwrap();
@@ -41,7 +41,7 @@ fn write_task(dir: &Path, classes: usize, shape: ImageShape, per: [usize; 3], se
     }
 }
 
-fn rgb16() -> ImageShape {
+pub(crate) fn rgb16() -> ImageShape {
     ImageShape { channels: 3, height: 16, width: 16 }
 }
 
@@ -198,7 +198,7 @@ fn every_method_runs_on_a_vit_and_grey_images_are_converted() {
         bank.push(Adapter::load(&d.join(format!("bank{i}"))).unwrap());
     }
     let test = encode_examples(&lm.frontend, &t.examples("test").unwrap()).unwrap();
-    for m in Method::ALL.into_iter().chain(Method::PEERS) {
+    for m in Method::every() {
         let mut o = AdaptOpts::defaults(m, 0);
         o.loop_opts.steps = 2;
         o.loop_opts.batch = 4;
