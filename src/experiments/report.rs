@@ -320,7 +320,7 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
         writeln!(
             md,
             "\nThe CKA gain was not recorded with these results: it needs the trained bank, which is not kept with \
-             the report (no {MODULE_STATS})."
+             the report."
         )
         .unwrap();
     }
