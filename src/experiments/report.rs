@@ -138,7 +138,8 @@ fn method_table(md: &mut String, g: &Grid, tasks: &[&String], methods: &[String]
 
 /// `0.467 (n=30, p=0.009)`, in bold where p < 0.05 from at least four points.
 fn fmt_rho(s: &super::stats::Spearman) -> String {
-    let text = format!("{:.3} (n={}, p={})", s.rho, s.n, fmt_p(s.p));
+    let p = fmt_p(s.p);
+    let text = format!("{:.3} (n={}, p{}{p})", s.rho, s.n, if p.starts_with('<') { "" } else { "=" });
     if s.n >= 4 && s.p.is_some_and(|p| p < 0.05) {
         format!("**{text}**")
     } else {
