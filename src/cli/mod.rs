@@ -73,6 +73,14 @@ pub enum SweepAction {
         #[arg(long)]
         force: bool,
     },
+    /// Draw report.md and the plots again from a sweep directory's config.toml and results (results.jsonl and
+    /// shards/*.jsonl, never changed) and module_stats.json where the sweep wrote it; needs neither the model,
+    /// the data nor the bank, and runs no cell.
+    Report {
+        /// The sweep's output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 pub use crate::data::Shots;
@@ -743,6 +751,13 @@ fn run_command(cli: Cli) -> Result<()> {
             }
             out.flush()?;
         }
+        Cmd::Sweep { action: Some(SweepAction::Report { out }), .. } => {
+            let res = crate::experiments::sweep::rerender(&out)?;
+            if !res.missing.is_empty() {
+                eprintln!("{} cells of the main grid have no result (listed in report.md)", res.missing.len());
+            }
+            println!("{} cells; report: {}", res.cells.len(), out.join("report.md").display());
+        }
         Cmd::Sweep { action: Some(SweepAction::Submit { .. }), .. } => {
             let Cmd::Sweep { action: Some(a), .. } = cli.cmd else { unreachable!() };
             sweep_submit(a, cli.threads, &cli.compute)?;
@@ -947,7 +962,10 @@ fn sweep_submit(a: SweepAction, threads: Option<usize>, compute: &str) -> Result
         pvc,
         volume_root,
         force,
-    } = a;
+    } = a
+    else {
+        bail!("sweep submit: not a submit action");
+    };
     let cfg = crate::experiments::sweep::SweepConfig::load(&config)?;
     cfg.check_inputs().map_err(|e| anyhow!("{}: {e:#}", config.display()))?;
     let text = std::fs::read_to_string(&config).with_context(|| format!("cannot read {}", config.display()))?;

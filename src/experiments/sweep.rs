@@ -280,7 +280,8 @@ impl SweepConfig {
         Ok(())
     }
 
-    /// Number of cells the config plans (main grid and ablation), `None` on overflow.
+    /// Number of cells the config plans (main grid and ablation; for the ablation an upper bound, as a size with
+    /// fewer possible subsets than draws has fewer draws), `None` on overflow.
     pub fn planned_cells(&self) -> Option<usize> {
         let main = self
             .downstream
@@ -463,6 +464,10 @@ pub struct SweepOutput {
     pub missing: Vec<String>,
     /// Whether the report was written (a shard's own stages write none).
     pub reported: bool,
+    /// Each bank module's own scores on its upstream task (the modules' metrics.json; empty where unknown).
+    pub upstream: BTreeMap<String, super::report::UpstreamScore>,
+    /// Worker threads the cells ran on (for the report's time summary).
+    pub threads: usize,
 }
 
 /// One sweep at a time per output directory: `DIR/.sweep.lock` ([`crate::util::DirLock`]) holds the running
@@ -662,22 +667,20 @@ impl Plan {
                 };
                 sizes.retain(|&s| s >= 1 && s <= pool.len());
                 for &size in &sizes {
+                    let subsets = ablation_subsets(&pool, size, ab.draws);
                     for draw in 0..ab.draws as u64 {
-                        let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + draw * 7919 + size as u64);
-                        let mut sub = pool.clone();
-                        sub.shuffle(&mut rng);
-                        sub.truncate(size);
-                        sub.sort();
                         for m in &ab.methods {
-                            cells.push(PlannedCell {
-                                key: format!("ablation|{task}|{m}|{size}|{draw}|{stamp}-k{}", ab.shots),
-                                task: task.clone(),
-                                method: m.clone(),
-                                shots: k,
-                                seed: draw,
-                                modules: sub.clone(),
-                                cost: cost(m, size, k, n),
-                            });
+                            if let Some(d) = subsets.get(draw as usize) {
+                                cells.push(PlannedCell {
+                                    key: format!("ablation|{task}|{m}|{size}|{draw}|{stamp}-k{}{}", ab.shots, d.tag),
+                                    task: task.clone(),
+                                    method: m.clone(),
+                                    shots: k,
+                                    seed: draw,
+                                    modules: d.modules.clone(),
+                                    cost: cost(m, size, k, n),
+                                });
+                            }
                             for by in ab.retrieval_by.iter().filter(|_| ab.retrieval) {
                                 let kind =
                                     if by == "arrow" { "retrieval".to_string() } else { format!("retrieval-{by}") };
@@ -722,6 +725,79 @@ impl Plan {
     pub fn cpu_seconds(&self, cost: f64) -> f64 {
         cost * super::shard::seconds_per_pass(self.model_params, self.tokens)
     }
+}
+
+/// One random subset of the module-count ablation, and the suffix its cells' keys carry (empty for a subset the
+/// first draw of its seed gave, which is what every draw was before draws were made distinct, so those results
+/// stay valid).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AblationDraw {
+    pub modules: Vec<String>,
+    pub tag: String,
+}
+
+/// Number of `k`-subsets of `n` things, saturating.
+pub fn binomial(n: usize, k: usize) -> usize {
+    if k > n {
+        return 0;
+    }
+    let k = k.min(n - k);
+    let mut c: u128 = 1;
+    for i in 0..k {
+        c = c * (n - i) as u128 / (i + 1) as u128;
+        if c > usize::MAX as u128 {
+            return usize::MAX;
+        }
+    }
+    c as usize
+}
+
+/// The distinct random subsets of `size` modules of `pool` for the ablation's draws of one (task, size), sorted
+/// by name within each subset; deterministic (draw `d` is seeded with 1000 + 7919·d + size).
+///
+/// With more possible subsets than `draws`, draw `d` shuffles the pool with its seed and takes the first `size`;
+/// a subset an earlier draw already has is drawn again from the same generator until it is new (its keys then
+/// end in `-r<redraws>`). With no more possible subsets than `draws` (e.g. the whole pool: one), the result is
+/// every subset once, in lexicographic order of pool positions (keys end in `-all<count>`, except the single
+/// subset, which is what every draw of it was before), so there are fewer draws than configured; the report says so.
+pub fn ablation_subsets(pool: &[String], size: usize, draws: usize) -> Vec<AblationDraw> {
+    let possible = binomial(pool.len(), size);
+    if possible <= draws {
+        let mut out = Vec::new();
+        let mut idx: Vec<usize> = (0..size).collect();
+        loop {
+            let mut modules: Vec<String> = idx.iter().map(|&i| pool[i].clone()).collect();
+            modules.sort();
+            let tag = if possible == 1 { String::new() } else { format!("-all{possible}") };
+            out.push(AblationDraw { modules, tag });
+            // next combination: the rightmost index that can move, then the ones after it in a row
+            let Some(i) = (0..size).rev().find(|&i| idx[i] < pool.len() - size + i) else { break };
+            idx[i] += 1;
+            for j in i + 1..size {
+                idx[j] = idx[j - 1] + 1;
+            }
+        }
+        return out;
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for draw in 0..draws as u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + draw * 7919 + size as u64);
+        let mut redraws = 0usize;
+        loop {
+            let mut sub = pool.to_vec();
+            sub.shuffle(&mut rng);
+            sub.truncate(size);
+            sub.sort();
+            if seen.insert(sub.clone()) {
+                let tag = if redraws == 0 { String::new() } else { format!("-r{redraws}") };
+                out.push(AblationDraw { modules: sub, tag });
+                break;
+            }
+            redraws += 1;
+        }
+    }
+    out
 }
 
 /// Where shard `shard` appends its cells.
@@ -828,6 +904,8 @@ fn unreported(cfg: &SweepConfig, plan: &Plan, out: &Path, ran: Vec<Cell>) -> Res
         bank_names: cfg.upstream.clone(),
         missing,
         reported: false,
+        upstream: BTreeMap::new(),
+        threads: rayon::current_num_threads(),
     })
 }
 
@@ -952,7 +1030,30 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
         }
         Err(e) => return Err(e),
     };
-    let output = SweepOutput { cells, similarity, cka, bank_names: cfg.upstream.clone(), missing, reported: true };
+    // Each module's own scores, from its metrics.json; kept with the similarities for `sweep report`.
+    let mut upstream = BTreeMap::new();
+    for b in &plan.bank {
+        let p = b.dir.join("metrics.json");
+        if let Ok(text) = std::fs::read_to_string(&p) {
+            let m: Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", p.display()))?;
+            if let Some(s) = super::report::UpstreamScore::from_metrics(&m) {
+                upstream.insert(b.name.clone(), s);
+            }
+        }
+    }
+    let stats = super::report::ModuleStats { similarity, cka, upstream };
+    stats.write(out)?;
+    let super::report::ModuleStats { similarity, cka, upstream } = stats;
+    let output = SweepOutput {
+        cells,
+        similarity,
+        cka,
+        bank_names: cfg.upstream.clone(),
+        missing,
+        reported: true,
+        upstream,
+        threads: opts.threads,
+    };
     super::report::write_all(cfg, &output, out)?;
     let manifest = json!({
         "name": cfg.name,
@@ -969,6 +1070,73 @@ pub fn run(cfg: &SweepConfig, cfg_text: &str, out: &Path, opts: &SweepOpts) -> R
         "train_seconds_all_cells": output.cells.iter().map(|c| c.train_seconds).sum::<f64>(),
     });
     crate::util::write_atomic(&out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    Ok(output)
+}
+
+/// `loracomp sweep report`: draw report.md and the plots again from `out/config.toml`, the results in `out`
+/// (results.jsonl and any shard files; read, never changed) and `out/module_stats.json` where the report stage
+/// wrote one (module similarities and the bank modules' own accuracy; without it the report says they were not
+/// recorded; the cosine similarity, which needs no bank, is computed again where the config's model and data are
+/// at hand). Needs neither the model, the data nor the bank, and runs no cell. Missing cells are the main grid's
+/// (task, method, shots, seed) positions without a result; the ablation's planned keys need the inputs' hashes,
+/// so they are not listed.
+pub fn rerender(out: &Path) -> Result<SweepOutput> {
+    let path = out.join("config.toml");
+    let cfg = SweepConfig::load(&path)?;
+    let _lock = SweepLock::take(out)?;
+    let cells = collect_results(out)?;
+    if cells.is_empty() {
+        bail!("{}: no results (results.jsonl or shards/*.jsonl) to report", out.display());
+    }
+    let have: HashSet<(&str, &str, &str, u64)> = cells
+        .iter()
+        .filter(|c| c.kind == "main")
+        .map(|c| (c.task.as_str(), c.method.as_str(), c.shots.as_str(), c.seed))
+        .collect();
+    let mut missing = Vec::new();
+    for task in &cfg.downstream {
+        for k in &cfg.shots {
+            let k = k.to_string();
+            for seed in 0..cfg.seeds as u64 {
+                for m in &cfg.methods {
+                    if !have.contains(&(task.as_str(), m.as_str(), k.as_str(), seed)) {
+                        missing.push(format!("main|{task}|{m}|{k}|{seed}"));
+                    }
+                }
+            }
+        }
+    }
+    let stats = match super::report::ModuleStats::read(out)? {
+        Some(s) => s,
+        // Results from before module_stats.json: the cosine similarity needs only the model and the data (no
+        // bank), so it is computed again where they are at hand; the CKA gain needs the bank and stays unknown.
+        None => {
+            let mut s = super::report::ModuleStats::default();
+            let cosine = LoadedModel::load(&cfg.model, cfg.adapt.max_len)
+                .and_then(|mut lm| similarities(&cfg, &mut lm, &BTreeMap::new(), true));
+            match cosine {
+                Ok((sim, _)) => s.similarity = sim,
+                Err(e) => eprintln!("report without module similarities: {e:#}"),
+            }
+            s
+        }
+    };
+    let manifest = std::fs::read_to_string(out.join("manifest.json")).ok();
+    let threads = manifest
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v["threads"].as_u64())
+        .map_or(rayon::current_num_threads(), |t| t as usize);
+    let output = SweepOutput {
+        cells,
+        similarity: stats.similarity,
+        cka: stats.cka,
+        bank_names: cfg.upstream.clone(),
+        missing,
+        reported: true,
+        upstream: stats.upstream,
+        threads,
+    };
+    super::report::write_all(&cfg, &output, out)?;
     Ok(output)
 }
 
@@ -1161,7 +1329,7 @@ fn similarities(
     }
     // CKA gain of each module alone with each downstream task's labels (up to 32 training examples a class).
     let mut cka = BTreeMap::new();
-    if features && cfg.methods.iter().any(|m| m == "learned") && !cfg.upstream.is_empty() {
+    if features && cfg.methods.iter().any(|m| m == "learned") && !cfg.upstream.is_empty() && !bank_all.is_empty() {
         let mut pb = Progress::new(cfg.downstream.len(), "similarity (CKA)", "task", quiet);
         for d in &cfg.downstream {
             let t = Task::open(&cfg.data.join(d))?;
@@ -1228,6 +1396,59 @@ mod tests {
         assert!(e.contains("field") && e.contains("'seeds'") && e.contains("bytes of plan"), "{e}");
         let e = parse_err(&format!("{BASE}[ablation]\nshots = 1\ndraws = 9223372036854775807\n"));
         assert!(e.contains("'ablation.draws'") && e.contains("more than 2^64"), "{e}");
+    }
+
+    /// Ablation subsets are distinct within a (task, size), deterministic, the old draws wherever those were
+    /// already distinct, and every possible subset once where there are no more of them than draws.
+    #[test]
+    fn ablation_draws_are_distinct_deterministic_and_exhaustive_when_few() {
+        let pool: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+        let old = |pool: &[String], size: usize, draw: u64| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + draw * 7919 + size as u64);
+            let mut sub = pool.to_vec();
+            sub.shuffle(&mut rng);
+            sub.truncate(size);
+            sub.sort();
+            sub
+        };
+        let mut redrawn = 0;
+        for n in [3usize, 4, 5, 10] {
+            for size in 1..=n {
+                for draws in [1usize, 3, 5, 12] {
+                    let p = &pool[..n];
+                    let d = ablation_subsets(p, size, draws);
+                    assert_eq!(d, ablation_subsets(p, size, draws), "deterministic");
+                    let possible = binomial(n, size);
+                    assert_eq!(d.len(), draws.min(possible), "n {n} size {size} draws {draws}");
+                    let distinct: HashSet<&Vec<String>> = d.iter().map(|x| &x.modules).collect();
+                    assert_eq!(distinct.len(), d.len(), "n {n} size {size} draws {draws}: {d:?}");
+                    for x in &d {
+                        assert_eq!(x.modules.len(), size);
+                        assert!(x.modules.windows(2).all(|w| w[0] < w[1]) && x.modules.iter().all(|m| p.contains(m)));
+                    }
+                    if possible <= draws {
+                        let tag = if possible == 1 { String::new() } else { format!("-all{possible}") };
+                        assert!(d.iter().all(|x| x.tag == tag), "{d:?}");
+                        continue;
+                    }
+                    // a draw keeps its old subset (and key) unless an earlier draw had it
+                    let mut seen = HashSet::new();
+                    for (i, x) in d.iter().enumerate() {
+                        let o = old(p, size, i as u64);
+                        if seen.insert(o.clone()) && x.tag.is_empty() {
+                            assert_eq!(x.modules, o);
+                        } else {
+                            assert!(x.tag.starts_with("-r"), "{x:?}");
+                            redrawn += 1;
+                        }
+                        seen.insert(x.modules.clone());
+                    }
+                }
+            }
+        }
+        assert!(redrawn > 0, "the cases include draws the old scheme repeated");
+        assert_eq!((binomial(10, 3), binomial(10, 10), binomial(3, 5)), (120, 1, 0));
+        assert_eq!(binomial(200, 100), usize::MAX);
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod llama;
 mod model_gradcheck;
 mod parity;
 mod peft_roundtrip;
+mod report;
 mod sweep_resume;
 mod sweep_shard;
 mod t5;
