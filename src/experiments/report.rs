@@ -182,7 +182,7 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
     writeln!(
         md,
         "Model `{}`; bank: {} upstream LoRA modules{} (rank {}, α {}, on {}); {} seeds; {} steps of batch {} per few-shot run. \
-         Accuracy (%) on each task's test split: mean ± half-width of the 95 % Student-t confidence interval over \
+         Accuracy (%) on each task's test split{}: mean ± half-width of the 95 % Student-t confidence interval over \
          seeds (\"n=1\" where one seed gives no interval).\n",
         cfg.model.display(),
         cfg.upstream.len(),
@@ -192,7 +192,10 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
         cfg.bank.targets.join(", "),
         cfg.seeds,
         cfg.adapt.steps,
-        cfg.adapt.batch
+        cfg.adapt.batch,
+        cfg.adapt.eval_limit.map_or(String::new(), |n| format!(
+            " ({n} examples spread over it where it has more: `adapt.eval_limit`)"
+        ))
     )
     .unwrap();
     // A share of the grid (`--tasks`, or a sweep still running): say so, and average over the tasks with results.
@@ -353,11 +356,20 @@ pub fn write_all(cfg: &SweepConfig, out: &SweepOutput, dir: &Path) -> Result<()>
         && out.similarity.is_empty()
         && main.iter().any(|c| c.method == "learned" && !c.weights.is_empty())
     {
+        let why = if dir.join(MODULE_STATS).exists() {
+            // the report stage ran with the bank and recorded no similarity: the model is generative
+            "the similarities are cosines of an encoder's mean base-model embeddings, and a generative model \
+             (rank classification) has none"
+                .to_string()
+        } else {
+            format!(
+                "the module similarities are computed (for encoder models) from the model, the data and the trained \
+                 bank when the sweep's report stage runs, and there is no {MODULE_STATS} here"
+            )
+        };
         writeln!(
             md,
-            "\n## Does learned composition favour related modules?\n\nNot recorded with these results: the module \
-             similarities are computed (for encoder models) from the model, the data and the trained bank when the \
-             sweep's report stage runs, and there is no {MODULE_STATS} here."
+            "\n## Does learned composition favour related modules?\n\nNot recorded with these results: {why}."
         )
         .unwrap();
     }
