@@ -28,7 +28,7 @@
 //!
 //! The softmax rows run in the AVX-512 build where the CPU has it, bit-identical to the scalar build (tested):
 //! the maximum over 16 interleaved lanes, the exponentials by [`fast_exp`] in their own loop, the sum in the fixed
-//! order of [`lane_sum`].
+//! order of `lane_sum`.
 
 use super::gemm::matmul_strided;
 use super::kernels::{fast_exp, lane_sum, wide, wide_simd, LANES};

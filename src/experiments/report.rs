@@ -1,4 +1,4 @@
-//! report.md and plots (PNG and SVG through `plotters`, in [`plots`]) from a sweep's cells. Built without the
+//! report.md and plots (PNG and SVG through `plotters`, in `report/plots.rs`) from a sweep's cells. Built without the
 //! `cli` feature (no `plotters`), report.md is written in full and its Plots section says that none were drawn.
 //!
 //! Statistics (see [`super::stats`]): every accuracy and macro-F1 is the mean ± the half-width of its 95 %
