@@ -32,6 +32,22 @@ macro_rules! wide {
 }
 pub(crate) use wide;
 
+/// Per-chunk partial sums over rows, for a parameter gradient summed over the rows: chunk `c` (rows
+/// `c·ROW_CHUNK ..`, in parallel) starts from zeros and calls `add_row(r, acc)` for each of its rows in order;
+/// the chunks' `width`-entry vectors come back in chunk order (a fixed summation order at any thread count).
+fn row_chunk_partials(rows: usize, width: usize, add_row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    (0..rows.div_ceil(ROW_CHUNK))
+        .into_par_iter()
+        .flat_map_iter(|c| {
+            let mut acc = vec![0.0f32; width];
+            for r in c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(rows) {
+                add_row(r, &mut acc);
+            }
+            acc
+        })
+        .collect()
+}
+
 /// Sum per-chunk partial vectors (each of `width` entries) in chunk order into `out` (accumulating).
 fn reduce_partials(partials: &[f32], width: usize, out: &mut [f32]) {
     for part in partials.chunks(width) {
@@ -77,18 +93,11 @@ pub fn linear_backward_weight(dy: &[f32], x: &[f32], rows: usize, din: usize, do
 
 /// Bias gradient `db += Σ_rows dy`.
 pub fn bias_backward(dy: &[f32], rows: usize, dout: usize, db: &mut [f32]) {
-    let partials: Vec<f32> = dy[..rows * dout]
-        .par_chunks(dout * ROW_CHUNK)
-        .flat_map_iter(|ch| {
-            let mut acc = vec![0.0f32; dout];
-            for r in ch.chunks(dout) {
-                for (a, v) in acc.iter_mut().zip(r) {
-                    *a += *v;
-                }
-            }
-            acc
-        })
-        .collect();
+    let partials = row_chunk_partials(rows, dout, |r, acc| {
+        for (a, v) in acc.iter_mut().zip(&dy[r * dout..(r + 1) * dout]) {
+            *a += *v;
+        }
+    });
     reduce_partials(&partials, dout, db);
 }
 
@@ -259,21 +268,14 @@ pub fn layernorm_backward(
         }
     });
     if let Some((dgamma, dbeta)) = dparams {
-        let partials: Vec<f32> = (0..rows.div_ceil(ROW_CHUNK))
-            .into_par_iter()
-            .flat_map_iter(|c| {
-                let mut acc = vec![0.0f32; 2 * d];
-                for r in c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(rows) {
-                    let (m, rs) = (mean[r], rstd[r]);
-                    for i in 0..d {
-                        let g = dy[r * d + i];
-                        acc[i] += g * (x[r * d + i] - m) * rs;
-                        acc[d + i] += g;
-                    }
-                }
-                acc
-            })
-            .collect();
+        let partials = row_chunk_partials(rows, 2 * d, |r, acc| {
+            let (m, rs) = (mean[r], rstd[r]);
+            for i in 0..d {
+                let g = dy[r * d + i];
+                acc[i] += g * (x[r * d + i] - m) * rs;
+                acc[d + i] += g;
+            }
+        });
         for part in partials.chunks(2 * d) {
             for i in 0..d {
                 dgamma[i] += part[i];
@@ -381,18 +383,11 @@ pub fn rmsnorm_backward(
         }
     });
     if let Some(dw) = dw {
-        let partials: Vec<f32> = (0..rows.div_ceil(ROW_CHUNK))
-            .into_par_iter()
-            .flat_map_iter(|c| {
-                let mut acc = vec![0.0f32; d];
-                for r in c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(rows) {
-                    for i in 0..d {
-                        acc[i] += dy[r * d + i] * x[r * d + i] * rstd[r];
-                    }
-                }
-                acc
-            })
-            .collect();
+        let partials = row_chunk_partials(rows, d, |r, acc| {
+            for i in 0..d {
+                acc[i] += dy[r * d + i] * x[r * d + i] * rstd[r];
+            }
+        });
         reduce_partials(&partials, d, dw);
     }
 }
