@@ -241,44 +241,33 @@ fn pipeline(name: &str) {
         serde_json::from_str(&std::fs::read_to_string(d.join("adapt-learned/metrics.json")).unwrap()).unwrap();
     assert_eq!(ev["accuracy"], adapt_m["accuracy"], "eval of the exported adapter = adapt's own evaluation");
     // compose with fixed weights, for the task's labels
+    let compose = |weights: &str, out: &Path| {
+        let o = out.to_str().unwrap();
+        run(&[
+            "compose",
+            "--model",
+            ms,
+            "--bank",
+            b[0],
+            b[1],
+            "--weights",
+            weights,
+            "--task",
+            ds,
+            "--shots",
+            "2",
+            "--out",
+            o,
+        ])
+    };
     let out = d.join("composed");
-    run(&[
-        "compose",
-        "--model",
-        ms,
-        "--bank",
-        b[0],
-        b[1],
-        "--weights",
-        "0.7,0.3",
-        "--task",
-        ds,
-        "--shots",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    compose("0.7,0.3", &out);
     let ev = run(&["eval", "--model", ms, "--task", ds, "--adapter", out.to_str().unwrap()]);
     assert!(ev["accuracy"].as_f64().is_some());
     // zero-shot: eval without an adapter ranks the labels with the frozen model, which is what an adapter of
     // weight 0 leaves (ΔW = 0)
     let zero = d.join("composed-zero");
-    run(&[
-        "compose",
-        "--model",
-        ms,
-        "--bank",
-        b[0],
-        b[1],
-        "--weights",
-        "0,0",
-        "--task",
-        ds,
-        "--shots",
-        "2",
-        "--out",
-        zero.to_str().unwrap(),
-    ]);
+    compose("0,0", &zero);
     let ev0 = run(&["eval", "--model", ms, "--task", ds, "--adapter", zero.to_str().unwrap()]);
     let zs = run(&["eval", "--model", ms, "--task", ds]);
     assert_eq!(zs["zero_shot"], true);
