@@ -128,7 +128,8 @@ def adapt(
     ``max_len``, ``template``, ``eval_split``, ``force``, ``allow_base_mismatch``, ``rank``, ``alpha``,
     ``targets``, ``global_weights``, ``entropy_penalty``, ``export_rank``, ``select``, ``by``,
     ``lorahub_generations``, ``density``, ``drop_p``, ``auto_scales`` (a list), ``auto_top_k``, ``auto_select`` (criterion or cv), ``auto_folds``,
-    ``auto_epochs``. An option of another method is an error naming it.
+    ``auto_epochs``, ``auto_lora_from`` (a number of examples per class, or ``"off"``). An option of another
+    method is an error naming it.
     """
     return json.loads(
         _loracomp.adapt(

@@ -212,6 +212,25 @@ impl<'py> Opts<'py> {
         }
     }
 
+    /// A whole number or a word (`auto_lora_from=16` or `"off"`), parsed as the CLI parses the flag.
+    fn number_or_word<T: std::str::FromStr>(&self, name: &str, expected: &str) -> PyResult<Option<T>>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let Some(v) = self.take(name)? else { return Ok(None) };
+        let text = if let Ok(s) = v.extract::<String>() {
+            s
+        } else if v.is_instance_of::<pyo3::types::PyBool>() {
+            return Err(self.bad_type(name, expected, &v));
+        } else {
+            match v.extract::<i64>() {
+                Ok(k) => k.to_string(),
+                Err(_) => return Err(self.bad_type(name, expected, &v)),
+            }
+        };
+        text.parse::<T>().map(Some).map_err(|e| self.bad_value(name, e))
+    }
+
     fn parsed<T: std::str::FromStr>(&self, name: &str) -> PyResult<Option<T>>
     where
         T::Err: std::fmt::Display,
@@ -317,6 +336,12 @@ fn adapt(py: Python<'_>, options: Option<&Bound<'_, PyDict>>) -> PyResult<String
             auto_select: o.parsed::<loracomp::methods::auto::AutoSelect>("auto_select")?,
             auto_folds: o.count("auto_folds")?.map(|k| k as usize),
             auto_epochs: o.count("auto_epochs")?.map(|k| k as usize),
+            auto_lora_from: o
+                .number_or_word::<loracomp::methods::auto::LoraFrom>(
+                    "auto_lora_from",
+                    "a positive whole number or 'off'",
+                )?
+                .map(|l| l.0),
         },
         export_rank: o.positive("export_rank")?,
     };

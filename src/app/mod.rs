@@ -105,6 +105,8 @@ pub struct MethodOptions {
     pub auto_folds: Option<usize>,
     /// auto: head-training epochs (the head trains max(steps, ⌈epochs·n/batch⌉) steps).
     pub auto_epochs: Option<usize>,
+    /// auto: examples per class from which a LoRA is trained on top of the composition; `Some(None)` = never.
+    pub auto_lora_from: Option<Option<usize>>,
 }
 
 impl MethodOptions {
@@ -115,15 +117,18 @@ impl MethodOptions {
         let refuse = |flag: &str, applies: &str| -> Result<()> {
             bail!("{flag} does not apply to --method {m} (it is an option of {applies})")
         };
-        let lora = method == Method::Lora;
+        // auto's LoRA stage takes the lora method's settings, unless it is switched off.
+        let auto_lora = method == Method::Auto && self.auto_lora_from != Some(None);
+        let lora = method == Method::Lora || auto_lora;
+        let lora_owners = "lora, and auto's LoRA stage";
         if self.rank.is_some() && !lora {
-            refuse("--rank", "lora")?;
+            refuse("--rank", lora_owners)?;
         }
         if self.alpha.is_some() && !lora {
-            refuse("--alpha", "lora")?;
+            refuse("--alpha", lora_owners)?;
         }
         if self.targets.is_some() && !lora {
-            refuse("--targets", "lora")?;
+            refuse("--targets", lora_owners)?;
         }
         if let Some(r) = self.rank {
             if r == 0 {
@@ -194,6 +199,7 @@ impl MethodOptions {
             ("--auto-select", self.auto_select.is_some()),
             ("--auto-folds", self.auto_folds.is_some()),
             ("--auto-epochs", self.auto_epochs.is_some()),
+            ("--auto-lora-from", self.auto_lora_from.is_some()),
         ];
         if let Some((flag, _)) = auto_given.iter().find(|(_, given)| *given) {
             if method != Method::Auto {
@@ -217,6 +223,9 @@ impl MethodOptions {
         }
         if let Some(e) = self.auto_epochs {
             o.auto.epochs = e;
+        }
+        if let Some(k) = self.auto_lora_from {
+            o.auto.lora_from = k;
         }
         o.auto.validate()?;
         if let Some(by) = self.select_by {
@@ -529,7 +538,10 @@ pub fn adapt(spec: &AdaptSpec) -> Result<Value> {
         bail!("--bank does not apply to --method {}, which uses no bank", spec.method.name());
     }
     let (lm, pooling) = load_for(c, &task)?;
-    if c.lr.is_some() && !matches!(spec.method, Method::Full | Method::Lora | Method::Learned) {
+    if c.lr.is_some() && spec.method == Method::Auto && spec.options.auto_lora_from == Some(None) {
+        bail!("--lr applies to auto's LoRA stage, which --auto-lora-from off switches off");
+    }
+    if c.lr.is_some() && !matches!(spec.method, Method::Full | Method::Lora | Method::Learned | Method::Auto) {
         bail!(
             "--lr does not apply to --method {}: it trains no parameter of its own (use --lr-head for the head)",
             spec.method.name()
@@ -658,6 +670,13 @@ pub fn applied_options(o: &AdaptOpts, kind: ModelKind) -> Value {
                 m.insert("auto_folds".into(), json!(o.auto.folds));
             }
             m.insert("auto_epochs".into(), json!(o.auto.epochs));
+            m.insert("auto_lora_from".into(), json!(o.auto.lora_from));
+            if o.auto.lora_from.is_some() {
+                m.insert("lr".into(), json!(o.lr_body));
+                m.insert("rank".into(), json!(o.rank));
+                m.insert("alpha".into(), json!(o.alpha));
+                m.insert("targets".into(), json!(o.targets));
+            }
         }
         _ => {}
     }

@@ -235,13 +235,13 @@ pub enum Cmd {
         /// Output directory (metrics.json, adapter/).
         #[arg(long)]
         out: PathBuf,
-        /// lora: rank [default: 16].
+        /// lora, and auto's LoRA stage: rank [default: 16].
         #[arg(long, value_parser = positive)]
         rank: Option<usize>,
-        /// lora: alpha [default: 32].
+        /// lora, and auto's LoRA stage: alpha [default: 32].
         #[arg(long, value_parser = finite)]
         alpha: Option<f32>,
-        /// lora: target modules, comma-separated [default: the attention query and value projections].
+        /// lora, and auto's LoRA stage: target modules, comma-separated [default: the attention query and value projections].
         #[arg(long, value_delimiter = ',')]
         targets: Option<Vec<String>>,
         /// learned: one weight vector shared by all layers.
@@ -285,6 +285,10 @@ pub enum Cmd {
         /// auto: head-training epochs; the head trains max(--steps, ⌈epochs·n/batch⌉) steps [default: 20].
         #[arg(long)]
         auto_epochs: Option<usize>,
+        /// auto: train a LoRA (--rank, --alpha, --targets, --lr) on top of the chosen composition when every
+        /// class has at least this many examples; `off`: never [default: 16].
+        #[arg(long)]
+        auto_lora_from: Option<crate::methods::auto::LoraFrom>,
         /// dare, dare-ties: drop probability, in (0, 1) [default: 0.5].
         #[arg(long)]
         drop_p: Option<f32>,
@@ -685,6 +689,7 @@ fn run_command(cli: Cli) -> Result<()> {
             auto_select,
             auto_folds,
             auto_epochs,
+            auto_lora_from,
         } => {
             let spec = crate::app::AdaptSpec {
                 common: args.common(),
@@ -708,6 +713,7 @@ fn run_command(cli: Cli) -> Result<()> {
                     auto_select,
                     auto_folds,
                     auto_epochs,
+                    auto_lora_from: auto_lora_from.map(|l| l.0),
                 },
                 export_rank,
             };

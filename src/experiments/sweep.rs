@@ -78,6 +78,10 @@ pub struct AdaptSettings {
     /// Evaluate each cell on at most this many test examples, spread evenly over the split (the same ones for
     /// every cell): for models whose evaluation dominates the cost (rank classification over many labels).
     pub eval_limit: Option<usize>,
+    /// `auto`'s `--auto-lora-from` (examples per class from which it trains a LoRA on top; `"off"`: never).
+    /// Absent: auto's default. Left out of the stamp's settings when absent, so older sweeps keep their keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_lora_from: Option<crate::methods::auto::LoraFrom>,
 }
 
 impl Default for AdaptSettings {
@@ -92,6 +96,7 @@ impl Default for AdaptSettings {
             lora_rank: 16,
             lora_alpha: 32.0,
             eval_limit: None,
+            auto_lora_from: None,
         }
     }
 }
@@ -225,6 +230,11 @@ impl SweepConfig {
         }
         for k in self.adapt.lr.keys() {
             k.parse::<Method>().map_err(|e| anyhow!("field 'adapt.lr': {e}"))?;
+        }
+        let uses_auto =
+            self.methods.iter().chain(self.ablation.iter().flat_map(|a| a.methods.iter())).any(|m| m == "auto");
+        if self.adapt.auto_lora_from.is_some() && !uses_auto {
+            bail!("field 'adapt.auto_lora_from' is an option of method auto, which this sweep does not run");
         }
         for by in self.ablation.iter().flat_map(|a| &a.retrieval_by) {
             by.parse::<crate::methods::Retrieval>().map_err(|e| anyhow!("field 'ablation.retrieval_by': {e}"))?;
@@ -1245,6 +1255,9 @@ fn run_cells(
         if let Some(lr) = cfg.adapt.lr_head {
             o.lr_head = lr;
         }
+        if let Some(l) = cfg.adapt.auto_lora_from {
+            o.auto.lora_from = l.0;
+        }
         let kind = p.key.split('|').next().unwrap_or_default().to_string();
         if let Some(by) = kind.strip_prefix("retrieval") {
             o.select = p.key.split('|').nth(3).and_then(|s| s.parse().ok());
@@ -1396,6 +1409,24 @@ mod tests {
         assert!(e.contains("field") && e.contains("'seeds'") && e.contains("bytes of plan"), "{e}");
         let e = parse_err(&format!("{BASE}[ablation]\nshots = 1\ndraws = 9223372036854775807\n"));
         assert!(e.contains("'ablation.draws'") && e.contains("more than 2^64"), "{e}");
+    }
+
+    #[test]
+    fn auto_lora_from_belongs_to_auto_and_stays_out_of_old_stamps() {
+        let e = parse_err(&format!("{BASE}[adapt]\nauto_lora_from = 4\n"));
+        assert!(e.contains("'adapt.auto_lora_from'") && e.contains("method auto"), "{e}");
+        let auto = BASE.replacen("\"learned\"]", "\"auto\"]", 1);
+        for (v, want) in [("4", Some(4)), ("\"off\"", None)] {
+            let c = SweepConfig::parse(Path::new("x/sweep.toml"), &format!("{auto}[adapt]\nauto_lora_from = {v}\n"));
+            assert_eq!(c.unwrap().adapt.auto_lora_from.map(|l| l.0), Some(want), "{v}");
+        }
+        for bad in ["0", "\"never\"", "-1"] {
+            let e = parse_err(&format!("{auto}[adapt]\nauto_lora_from = {bad}\n"));
+            assert!(e.contains("auto_lora_from") || e.contains("examples per class"), "{bad}: {e}");
+        }
+        // absent, the settings serialise as before the field existed: older sweeps keep their cell keys
+        let json = serde_json::to_string(&AdaptSettings::default()).unwrap();
+        assert!(!json.contains("auto_lora_from"), "{json}");
     }
 
     /// Ablation subsets are distinct within a (task, size), deterministic, the old draws wherever those were

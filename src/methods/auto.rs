@@ -20,6 +20,13 @@
 //!    (docs/methods.md, "`auto`"): 4 folds of one example a class make held-out accuracy too coarse.
 //! 4. **Training.** The chosen composition is fixed and the head is trained on its features for
 //!    max(steps, ⌈epochs·n/batch⌉) steps ([`head_steps`]): a budget that grows with the few-shot set.
+//! 5. **A LoRA on top** (when every class has at least `lora_from` examples): a fresh LoRA (the `lora`
+//!    method's rank, alpha, targets and learning rate) is trained with the head for `steps` steps on top of
+//!    the fixed composition, the head starting from step 4's. The layer computes
+//!    `y = x·(W + Σ_n w_n·s_n·B_n·A_n + s·B·A)ᵀ + b`, with only `A`, `B` and the head trainable, and exports
+//!    exactly as one PEFT LoRA (`export.rs`). With few examples a class the composition is what transfers;
+//!    with more, a LoRA trained from scratch overtakes it (docs/methods.md, "`auto`"), and one started on the
+//!    composition keeps both.
 //!
 //! Cost: N + |candidates| forward passes over the few-shot set (batched into population passes on an
 //! encoder), and folds × |candidates| head trainings on cached features.
@@ -45,15 +52,33 @@ pub struct AutoOpts {
     pub folds: usize,
     /// Head-training epochs: the head trains max(steps, ⌈epochs·n/batch⌉) steps.
     pub epochs: usize,
+    /// Train a LoRA on top of the chosen composition (step 5) when every class has at least this many
+    /// examples; `None`: never.
+    pub lora_from: Option<usize>,
 }
 
 impl Default for AutoOpts {
     fn default() -> Self {
-        AutoOpts { scales: vec![0.5, 1.0, 2.0, 3.0], top_k: 3, select: AutoSelect::Criterion, folds: 4, epochs: 20 }
+        AutoOpts {
+            scales: vec![0.5, 1.0, 2.0, 3.0],
+            top_k: 3,
+            select: AutoSelect::Criterion,
+            folds: 4,
+            epochs: 20,
+            lora_from: Some(DEFAULT_LORA_FROM),
+        }
     }
 }
 
+/// Examples per class from which `auto` trains a LoRA on top of its composition (docs/methods.md, "`auto`").
+pub const DEFAULT_LORA_FROM: usize = 16;
+
 impl AutoOpts {
+    /// Whether step 5 runs for a few-shot set whose smallest class has `min_count` examples.
+    pub fn lora_stage(&self, min_count: usize) -> bool {
+        self.lora_from.is_some_and(|k| min_count >= k)
+    }
+
     /// Check the settings (each error names its option).
     pub fn validate(&self) -> Result<()> {
         if self.scales.is_empty() || self.scales.iter().any(|s| !s.is_finite() || *s <= 0.0) {
@@ -70,6 +95,9 @@ impl AutoOpts {
         }
         if self.epochs == 0 {
             bail!("--auto-epochs must be at least 1");
+        }
+        if self.lora_from == Some(0) {
+            bail!("--auto-lora-from must be at least 1 example per class (or off)");
         }
         Ok(())
     }
@@ -92,6 +120,59 @@ impl std::str::FromStr for AutoSelect {
             "criterion" => Ok(AutoSelect::Criterion),
             "cv" => Ok(AutoSelect::Cv),
             _ => Err(format!("unknown selection '{s}' (criterion, cv)")),
+        }
+    }
+}
+
+/// The smallest class's example count in `data` (classes without examples do not count).
+pub fn min_class_count(data: &[Encoded], classes: usize) -> usize {
+    let mut counts = vec![0usize; classes];
+    for e in data {
+        if let Some(c) = counts.get_mut(e.label) {
+            *c += 1;
+        }
+    }
+    counts.into_iter().filter(|&c| c > 0).min().unwrap_or(0)
+}
+
+/// `--auto-lora-from`: a number of examples per class, or `off` (`None`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraFrom(pub Option<usize>);
+
+impl std::str::FromStr for LoraFrom {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "off" => Ok(LoraFrom(None)),
+            _ => match s.parse::<usize>() {
+                Ok(0) | Err(_) => Err(format!("expected a number of examples per class ≥ 1, or off; got '{s}'")),
+                Ok(k) => Ok(LoraFrom(Some(k))),
+            },
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for LoraFrom {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(u64),
+            Word(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Count(k) => k.to_string(),
+            Raw::Word(w) => w,
+        };
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for LoraFrom {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(k) => s.serialize_u64(k as u64),
+            None => s.serialize_str("off"),
         }
     }
 }
@@ -210,9 +291,7 @@ pub fn run(
     // 3. Selection: cross-validation of the head where there is one and every class has two examples.
     let labels: Vec<usize> = data.iter().map(|e| e.label).collect();
     let classes = model.classes();
-    let mut counts = vec![0usize; classes];
-    labels.iter().for_each(|&y| counts[y] += 1);
-    let min_count = counts.iter().copied().filter(|&c| c > 0).min().unwrap_or(0);
+    let min_count = min_class_count(data, classes);
     let folds = opts.folds.min(min_count);
     let head0 = model.head().cloned();
     let mut criterion = Vec::with_capacity(cands.len());

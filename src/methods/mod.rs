@@ -182,7 +182,7 @@ impl AdaptOpts {
     pub fn defaults(method: Method, seed: u64) -> Self {
         let lr_body = match method {
             Method::Full => 1e-4,
-            Method::Lora => 1e-3,
+            Method::Lora | Method::Auto => 1e-3,
             Method::Learned => 5e-2,
             _ => 0.0,
         };
@@ -371,7 +371,31 @@ pub fn adapt_encoded_with(
         if opts.method == Method::Auto {
             loop_opts.steps = auto::head_steps(&opts.loop_opts, opts.auto.epochs, train_enc.len());
         }
-        model.train_head_only(train_enc, &loop_opts, opts.lr_head, opts.eval_batch)?
+        let head_losses = model.train_head_only(train_enc, &loop_opts, opts.lr_head, opts.eval_batch)?;
+        if opts.method == Method::Auto && opts.auto.lora_stage(auto::min_class_count(train_enc, classes)) {
+            // Step 5: a fresh LoRA on top of the fixed composition, trained with the head (started from step
+            // 4's) at the `lora` method's settings.
+            let lora_paths = lora::prepare(model, opts)?;
+            trainable_params = model.trainable_params_mut().iter().map(|(_, p)| p.len()).sum();
+            let (lr_head, lr_body) = (opts.lr_head, opts.lr_body);
+            let lr_for = move |n: &str| if n.starts_with("classifier.") { lr_head } else { lr_body };
+            let losses = train_model(model, train_enc, &opts.loop_opts, &lr_for, None, progress)?;
+            if let Some(d) = details.as_object_mut() {
+                d.insert(
+                    "lora".into(),
+                    serde_json::json!({
+                        "rank": opts.rank, "alpha": opts.alpha, "lr": opts.lr_body,
+                        "steps": opts.loop_opts.steps, "layers": lora_paths.len(),
+                    }),
+                );
+            }
+            losses
+        } else {
+            if let Some(d) = details.as_object_mut().filter(|_| opts.method == Method::Auto) {
+                d.insert("lora".into(), serde_json::Value::Null);
+            }
+            head_losses
+        }
     } else {
         let (lr_head, lr_body) = (opts.lr_head, opts.lr_body);
         let lr_for = move |n: &str| if n.starts_with("classifier.") { lr_head } else { lr_body };

@@ -238,12 +238,66 @@ fn auto_options_belong_to_auto_and_no_op_values_are_refused() {
         (&["--method", "auto", "--auto-top-k", "0"][..], "--auto-top-k must be at least 1"),
         (&["--method", "auto", "--auto-epochs", "0"][..], "--auto-epochs must be at least 1"),
         (&["--method", "auto", "--lorahub-generations", "3"][..], "--lorahub-generations does not apply"),
+        (&["--method", "uniform", "--auto-lora-from", "4"][..], "--auto-lora-from does not apply"),
+        (&["--method", "auto", "--auto-lora-from", "off", "--rank", "4"][..], "--rank does not apply to --method auto"),
+        (&["--method", "auto", "--auto-lora-from", "off", "--lr", "0.1"][..], "--lr applies to auto's LoRA stage"),
+        (&["--method", "learned", "--rank", "4"][..], "--rank does not apply to --method learned"),
     ] {
         let err = fails(&e.args(&out, &e.bank, extra));
         assert!(err.contains(needle), "{extra:?}: {err}");
         assert!(!out.exists(), "{extra:?}: nothing is written");
     }
+    // a usage error of the flag itself (clap's exit code 2)
+    let o = common::bin().args(e.args(&out, &e.bank, &["--method", "auto", "--auto-lora-from", "0"])).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("examples per class ≥ 1, or off"));
+    assert!(!out.exists());
     // auto needs a bank
     let err = fails(&e.args(&out, &[], &["--method", "auto"]));
     assert!(err.contains("bank"), "{err}");
+}
+
+#[test]
+fn auto_trains_a_lora_on_top_of_its_composition_and_exports_both() {
+    // From --auto-lora-from examples a class, auto trains a fresh LoRA (the lora method's settings) with the
+    // head on top of the fixed composition; the exported adapter carries both terms and scores as the model did.
+    let e = Env::new("auto-lora");
+    let out = e.d.join("auto");
+    let extra = ["--method", "auto", "--auto-lora-from", "4", "--rank", "2", "--alpha", "4", "--lr", "0.01"];
+    let m = run(&e.args(&out, &e.bank, &extra), "2");
+    let lora = &m["details"]["lora"];
+    assert_eq!(lora["rank"], 2, "{m}");
+    assert_eq!(lora["alpha"], 4.0);
+    assert_eq!(lora["steps"], 3);
+    assert_eq!(m["options"]["auto_lora_from"], 4);
+    assert_eq!(m["options"]["rank"], 2);
+    assert_eq!(m["options"]["lr"].as_f64().unwrap() as f32, 0.01f32);
+    // the head alone trains fewer parameters than the head with a LoRA on every query and value projection
+    let off = e.d.join("auto-off");
+    let h = run(&e.args(&off, &e.bank, &["--method", "auto", "--auto-lora-from", "off"]), "2");
+    assert!(h["details"]["lora"].is_null(), "{h}");
+    assert!(h["options"].get("rank").is_none(), "{h}");
+    assert!(m["trainable_params"].as_u64().unwrap() > h["trainable_params"].as_u64().unwrap());
+    // the same composition was chosen; the LoRA is what differs
+    assert_eq!(m["details"]["chosen"], h["details"]["chosen"]);
+    // four examples a class and the default (16): no LoRA stage
+    let dflt = e.d.join("auto-default");
+    let d = run(&e.args(&dflt, &e.bank, &["--method", "auto"]), "2");
+    assert!(d["details"]["lora"].is_null(), "{d}");
+    assert_eq!(d["options"]["auto_lora_from"], 16);
+    // the exported adapter (composition and LoRA in one PEFT LoRA) scores exactly as the adapted model
+    let ev = run(
+        &[
+            "eval",
+            "--model",
+            e.model.to_str().unwrap(),
+            "--task",
+            e.task.to_str().unwrap(),
+            "--adapter",
+            out.join("adapter").to_str().unwrap(),
+        ],
+        "2",
+    );
+    assert_eq!(ev["accuracy"], m["accuracy"]);
+    assert_eq!(ev["macro_f1"], m["macro_f1"]);
 }

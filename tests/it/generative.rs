@@ -148,6 +148,10 @@ fn pipeline(name: &str) {
         if method.starts_with("lorahub") {
             args.extend(["--lorahub-generations", "2"]);
         }
+        if method == "auto" {
+            // two examples a class reach this threshold: a LoRA is trained on the answer tokens on top
+            args.extend(["--auto-lora-from", "2", "--rank", "2"]);
+        }
         let metrics = run(&args);
         let acc = metrics["accuracy"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&acc), "{method}: {acc}");
@@ -157,6 +161,7 @@ fn pipeline(name: &str) {
             assert_eq!(det["selection"], "criterion", "{det}");
             assert_eq!(det["candidates"].as_array().unwrap().len(), 1 + 2 * 4, "{det}");
             assert!(det["candidates"].as_array().unwrap().iter().all(|c| c["criterion"].as_f64().is_some()));
+            assert_eq!(det["lora"]["rank"], 2, "{det}");
         }
         assert!(out.join("adapter/adapter_config.json").exists(), "{method}");
     }
@@ -505,7 +510,7 @@ fn a_sweep_runs_on_a_generative_model() {
             "name = \"gen\"\nmodel = \"{}\"\ndata = \"{}\"\nupstream = [\"up1\", \"up2\"]\ndownstream = [\"down\"]\n\
              shots = [2]\nseeds = 1\nmethods = [\"lora\", \"uniform\", \"learned\", \"auto\"]\n\n[bank]\nrank = 2\nalpha = 4\n\
              targets = [\"q_proj\", \"v_proj\"]\nepochs = 1\nbatch = 8\n\n[adapt]\nsteps = 3\nbatch = 4\nmax_len = 32\n\
-             eval_limit = 5\n",
+             eval_limit = 5\nauto_lora_from = 2\n",
             m.display(),
             data.display()
         ),
@@ -521,5 +526,6 @@ fn a_sweep_runs_on_a_generative_model() {
         lines.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).find(|r| r["method"] == "auto").unwrap();
     assert_eq!(row["auto"]["selection"], "criterion", "{row}");
     assert!(row["auto"]["candidates"].as_array().is_some_and(|c| !c.is_empty()), "{row}");
+    assert_eq!(row["auto"]["lora"]["rank"], 16, "the sweep's lora_rank: {row}");
     assert!(out.join("report.md").exists());
 }
