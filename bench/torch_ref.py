@@ -674,6 +674,27 @@ def csv(s):
     return [x for x in s.split(",") if x]
 
 
+def time_matmuls(args):
+    """Best-of-iters time of torch.matmul alone at each MxKxN shape, one JSON line each."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    for spec in args.matmul:
+        try:
+            m, k, n = (int(x) for x in spec.lower().split("x"))
+        except ValueError:
+            sys.exit(f"--matmul: {spec!r} is not MxKxN")
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        for _ in range(args.warmup):
+            torch.matmul(a, b)
+        best = float("inf")
+        for _ in range(args.iters):
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            best = min(best, time.perf_counter() - t0)
+        print(json.dumps({"impl": "torch-matmul", "m": m, "k": k, "n": n, "dtype": str(dtype).split(".")[-1],
+                          "threads": torch.get_num_threads(), "best_ms": best * 1e3,
+                          "gflops": 2 * m * k * n / best / 1e9}), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", type=csv, default=None, help="comma list of " + ",".join(WORKLOADS) + " (default minilm,ref4)")
@@ -700,6 +721,9 @@ def main():
     ap.add_argument("--check-lean", action="store_true",
                     help="only check that each lean model computes what its transformers model does (same weights)")
     ap.add_argument("--json", action="store_true", help="print JSON lines only")
+    ap.add_argument("--matmul", type=csv, default=None, metavar="MxKxN,...",
+                    help="only time torch.matmul of [M,K]x[K,N] f32 (bf16 with --bf16) at these shapes, best of "
+                         "--iters (the products alone, beside `loracomp bench --shapes`)")
     args = ap.parse_args()
 
     def dflt(name, normal, smoke):
@@ -728,6 +752,9 @@ def main():
         ap.error("--lean models use sdpa attention only: give --attn sdpa")
 
     torch.set_num_threads(args.threads)
+    if args.matmul:
+        time_matmuls(args)
+        return
     if args.check_lean:
         for w in args.workloads:
             diff = check_lean(w)

@@ -3,7 +3,8 @@
 
     python3 experiments/compare_auto.py COMMITTED_results.jsonl AUTO_results.jsonl [METHOD ...]
 
-Prints, per shot count, a markdown table: each method's accuracy (mean over the cells both files hold, with
+A method other than auto that AUTO_results.jsonl also holds (a re-run under a changed protocol, such as LoRA
+at rank 16) is taken from there, marked "(re-run)". Prints, per shot count, a markdown table: each method's accuracy (mean over the cells both files hold, with
 a 95% t-interval over seeds of the per-seed mean over tasks) and auto minus the method (paired over cells:
 mean and 95% t-interval over the per-seed mean differences).
 """
@@ -50,7 +51,8 @@ def main():
         print("|---|---|---|---|")
         rows = [("auto", None)] + [(m, m) for m in methods]
         for name, m in rows:
-            src = auto if name == "auto" else committed
+            rerun = name != "auto" and any(k[0] == name and k[2] == s for k in auto)
+            src = auto if name == "auto" or rerun else committed
             have = [(t, x) for t, x in cells if (name, t, s, x) in src]
             if not have:
                 print(f"| {name} | — | — | 0 |")
@@ -68,10 +70,11 @@ def main():
             else:
                 dm, dh = ci([sum(v) / len(v) for v in diff_seed.values()])
                 d = f"{dm:+.1f} ± {dh:.1f}"
-            print(f"| {name} | {acc} | {d} | {len(have)} |")
+            label = f"{name} (re-run)" if rerun else name
+            print(f"| {label} | {acc} | {d} | {len(have)} |")
         secs = [auto[("auto", t, s, x)]["train_seconds"] for t, x in cells]
         lh = [committed[("lorahub", t, s, x)]["train_seconds"] for t, x in cells if ("lorahub", t, s, x) in committed]
-        line = f"\nauto train_seconds: mean {sum(secs) / len(secs):.2f} (--threads 1)"
+        line = f"\nauto train_seconds: mean {sum(secs) / len(secs):.2f}"
         if lh:
             line += f"; lorahub (committed run): mean {sum(lh) / len(lh):.2f}"
         print(line)

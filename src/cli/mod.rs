@@ -286,7 +286,7 @@ pub enum Cmd {
         #[arg(long)]
         auto_epochs: Option<usize>,
         /// auto: train a LoRA (--rank, --alpha, --targets, --lr) on top of the chosen composition when every
-        /// class has at least this many examples; `off`: never [default: 16].
+        /// class has at least this many examples; `off`: never [default: 2].
         #[arg(long)]
         auto_lora_from: Option<crate::methods::auto::LoraFrom>,
         /// dare, dare-ties: drop probability, in (0, 1) [default: 0.5].

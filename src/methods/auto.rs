@@ -71,7 +71,7 @@ impl Default for AutoOpts {
 }
 
 /// Examples per class from which `auto` trains a LoRA on top of its composition (docs/methods.md, "`auto`").
-pub const DEFAULT_LORA_FROM: usize = 16;
+pub const DEFAULT_LORA_FROM: usize = 2;
 
 impl AutoOpts {
     /// Whether step 5 runs for a few-shot set whose smallest class has `min_count` examples.

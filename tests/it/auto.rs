@@ -259,7 +259,7 @@ fn auto_options_belong_to_auto_and_no_op_values_are_refused() {
 
 #[test]
 fn auto_trains_a_lora_on_top_of_its_composition_and_exports_both() {
-    // From --auto-lora-from examples a class, auto trains a fresh LoRA (the lora method's settings) with the
+    // From --auto-lora-from examples a class (default 2), auto trains a fresh LoRA (the lora method's settings) with the
     // head on top of the fixed composition; the exported adapter carries both terms and scores as the model did.
     let e = Env::new("auto-lora");
     let out = e.d.join("auto");
@@ -280,11 +280,16 @@ fn auto_trains_a_lora_on_top_of_its_composition_and_exports_both() {
     assert!(m["trainable_params"].as_u64().unwrap() > h["trainable_params"].as_u64().unwrap());
     // the same composition was chosen; the LoRA is what differs
     assert_eq!(m["details"]["chosen"], h["details"]["chosen"]);
-    // four examples a class and the default (16): no LoRA stage
+    // the default (from 2 examples a class): four examples a class train a LoRA, one does not
     let dflt = e.d.join("auto-default");
     let d = run(&e.args(&dflt, &e.bank, &["--method", "auto"]), "2");
-    assert!(d["details"]["lora"].is_null(), "{d}");
-    assert_eq!(d["options"]["auto_lora_from"], 16);
+    assert_eq!(d["details"]["lora"]["rank"], 16, "{d}");
+    assert_eq!(d["options"]["auto_lora_from"], 2);
+    let one = e.d.join("auto-1shot");
+    let mut a = e.args(&one, &e.bank, &["--method", "auto"]);
+    a[6] = "1";
+    let d1 = run(&a, "2");
+    assert!(d1["details"]["lora"].is_null(), "{d1}");
     // the exported adapter (composition and LoRA in one PEFT LoRA) scores exactly as the adapted model
     let ev = run(
         &[
