@@ -2,6 +2,9 @@
 """Compare `auto` cells with the committed cells of the other methods, cell by cell (same task, shots, seed).
 
     python3 experiments/compare_auto.py COMMITTED_results.jsonl AUTO_results.jsonl [METHOD ...]
+    python3 experiments/compare_auto.py --vs OTHER_AUTO_results.jsonl AUTO_results.jsonl
+
+The second form compares two runs of auto (say, with and without its LoRA on top), cell by cell.
 
 A method other than auto that AUTO_results.jsonl also holds (a re-run under a changed protocol, such as LoRA
 at rank 16) is taken from there, marked "(re-run)". Prints, per shot count, a markdown table: each method's accuracy (mean over the cells both files hold, with
@@ -39,7 +42,34 @@ def load(path):
     return out
 
 
+def versus(other_path, auto_path):
+    other, auto = load(other_path), load(auto_path)
+    print("| shots | other | auto | auto − other (paired, ± 95% CI) | cells up / down | cells |")
+    print("|---|---|---|---|---|---|")
+    for s in sorted({k[2] for k in auto if k[0] == "auto"}, key=int):
+        cells = sorted((k[1], k[3]) for k in auto if k[0] == "auto" and k[2] == s and ("auto",) + k[1:] in other)
+        if not cells:
+            continue
+        a = {c: auto[("auto", c[0], s, c[1])]["accuracy"] * 100 for c in cells}
+        o = {c: other[("auto", c[0], s, c[1])]["accuracy"] * 100 for c in cells}
+        per_seed = lambda d: [sum(v) / len(v) for v in group(d).values()]
+        (am, ah), (om, oh) = ci(per_seed(a)), ci(per_seed(o))
+        dm, dh = ci(per_seed({c: a[c] - o[c] for c in cells}))
+        up, down = sum(a[c] > o[c] for c in cells), sum(a[c] < o[c] for c in cells)
+        print(f"| {s} | {om:.1f} ± {oh:.1f} | {am:.1f} ± {ah:.1f} | {dm:+.1f} ± {dh:.1f} | {up} / {down} | {len(cells)} |")
+
+
+def group(d):
+    by_seed = collections.defaultdict(list)
+    for (_, seed), v in d.items():
+        by_seed[seed].append(v)
+    return by_seed
+
+
 def main():
+    if sys.argv[1] == "--vs":
+        versus(sys.argv[2], sys.argv[3])
+        return
     committed, auto = load(sys.argv[1]), load(sys.argv[2])
     methods = sys.argv[3:] or ["lorahub", "best-single", "full", "lora", "learned", "uniform", "linear-probe"]
     shots = sorted({k[2] for k in auto if k[0] == "auto"}, key=int)
