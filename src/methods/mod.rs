@@ -11,7 +11,7 @@
 //! | `lorahub`, `lorahub-compat` | head (module weights searched by CMA-ES) | `peers.rs` |
 //! | `task-arithmetic`, `ties`, `dare`, `dare-ties`, `magnitude-prune` | head (dense merge, λ chosen) | `peers.rs`, `merges.rs` |
 //! | `best-single` | head (one module chosen) | `peers.rs` |
-//! | `auto` | head (retrieval, scale and set size chosen by cross-validation) | `auto.rs` |
+//! | `auto` | head, and from 2 examples a class a fresh LoRA on top (retrieval, scale and set size chosen by the head-free criterion) | `auto.rs` |
 
 pub mod auto;
 pub mod bank;
@@ -64,7 +64,8 @@ pub enum Method {
     DareTies,
     MagnitudePrune,
     BestSingle,
-    /// The recommended composition (`auto.rs`): retrieval, scaled candidates, cross-validated choice.
+    /// The recommended composition (`auto.rs`): retrieval, scaled candidates chosen by the head-free criterion,
+    /// a LoRA on top from 2 examples a class.
     Auto,
 }
 
