@@ -198,18 +198,7 @@ impl<'py> Opts<'py> {
 
     /// Shots: a positive whole number, or "full".
     fn shots(&self, name: &str) -> PyResult<Option<Shots>> {
-        let Some(v) = self.take(name)? else { return Ok(None) };
-        if let Ok(s) = v.extract::<String>() {
-            return s.parse::<Shots>().map(Some).map_err(|e| self.bad_value(name, e));
-        }
-        if v.is_instance_of::<pyo3::types::PyBool>() {
-            return Err(self.bad_type(name, "a positive whole number or 'full'", &v));
-        }
-        match v.extract::<i64>() {
-            Ok(k) if k >= 1 => Ok(Some(Shots(Some(k as usize)))),
-            Ok(k) => Err(self.bad_value(name, format!("{k} is not a positive number of shots or 'full'"))),
-            Err(_) => Err(self.bad_type(name, "a positive whole number or 'full'", &v)),
-        }
+        self.number_or_word::<Shots>(name, "a positive whole number or 'full'")
     }
 
     /// A whole number or a word (`auto_lora_from=16` or `"off"`), parsed as the CLI parses the flag.

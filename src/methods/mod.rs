@@ -367,42 +367,36 @@ pub fn adapt_encoded_with(
         // one vector shared by every layer counts once
         trainable_params -= bank.len() * adapted.len().saturating_sub(1);
     }
-    let losses = if opts.method.frozen_encoder() {
+    // The head learns at lr_head, the method's own parameters (LoRA factors, logits, encoder weights) at lr_body.
+    let (lr_head, lr_body) = (opts.lr_head, opts.lr_body);
+    let lr_for = move |n: &str| if n.starts_with("classifier.") { lr_head } else { lr_body };
+    let mut losses = if opts.method.frozen_encoder() {
         let mut loop_opts = opts.loop_opts.clone();
         if opts.method == Method::Auto {
             loop_opts.steps = auto::head_steps(&opts.loop_opts, opts.auto.epochs, train_enc.len());
         }
-        let head_losses = model.train_head_only(train_enc, &loop_opts, opts.lr_head, opts.eval_batch)?;
-        if opts.method == Method::Auto && opts.auto.lora_stage(auto::min_class_count(train_enc, classes)) {
+        model.train_head_only(train_enc, &loop_opts, opts.lr_head, opts.eval_batch)?
+    } else {
+        let mut hook = learned::hook(opts.global_weights, opts.entropy_penalty);
+        train_model(model, train_enc, &opts.loop_opts, &lr_for, Some(&mut hook), &mut *progress)?
+    };
+    if opts.method == Method::Auto {
+        let mut lora = serde_json::Value::Null;
+        if opts.auto.lora_stage(auto::min_class_count(train_enc, classes)) {
             // Step 5: a fresh LoRA on top of the fixed composition, trained with the head (started from step
             // 4's) at the `lora` method's settings.
             let lora_paths = lora::prepare(model, opts)?;
             trainable_params = model.trainable_params_mut().iter().map(|(_, p)| p.len()).sum();
-            let (lr_head, lr_body) = (opts.lr_head, opts.lr_body);
-            let lr_for = move |n: &str| if n.starts_with("classifier.") { lr_head } else { lr_body };
-            let losses = train_model(model, train_enc, &opts.loop_opts, &lr_for, None, progress)?;
-            if let Some(d) = details.as_object_mut() {
-                d.insert(
-                    "lora".into(),
-                    serde_json::json!({
-                        "rank": opts.rank, "alpha": opts.alpha, "lr": opts.lr_body,
-                        "steps": opts.loop_opts.steps, "layers": lora_paths.len(),
-                    }),
-                );
-            }
-            losses
-        } else {
-            if let Some(d) = details.as_object_mut().filter(|_| opts.method == Method::Auto) {
-                d.insert("lora".into(), serde_json::Value::Null);
-            }
-            head_losses
+            losses = train_model(model, train_enc, &opts.loop_opts, &lr_for, None, progress)?;
+            lora = serde_json::json!({
+                "rank": opts.rank, "alpha": opts.alpha, "lr": opts.lr_body,
+                "steps": opts.loop_opts.steps, "layers": lora_paths.len(),
+            });
         }
-    } else {
-        let (lr_head, lr_body) = (opts.lr_head, opts.lr_body);
-        let lr_for = move |n: &str| if n.starts_with("classifier.") { lr_head } else { lr_body };
-        let mut hook = learned::hook(opts.global_weights, opts.entropy_penalty);
-        train_model(model, train_enc, &opts.loop_opts, &lr_for, Some(&mut hook), progress)?
-    };
+        if let Some(d) = details.as_object_mut() {
+            d.insert("lora".into(), lora);
+        }
+    }
     let train_seconds = t0.elapsed().as_secs_f64();
     let pred = predict(model, test_enc, opts.eval_batch)?;
     let gold: Vec<usize> = test_enc.iter().map(|e| e.label).collect();
