@@ -102,7 +102,8 @@ fn rank_classification_scores_match_transformers() {
         let pred = m.rank_classify(&b.input_ids, &b.attention_mask, b.batch, b.src_len, &labels).unwrap();
         for (i, p) in pred.iter().enumerate() {
             let row = &want[i * labels.len()..(i + 1) * labels.len()];
-            let best = (0..labels.len()).max_by(|&a, &c| row[a].partial_cmp(&row[c]).unwrap()).unwrap();
+            assert!(row.iter().all(|v| v.is_finite()), "{name}: example {i}: non-finite golden scores {row:?}");
+            let best = (0..labels.len()).max_by(|&a, &c| row[a].total_cmp(&row[c])).unwrap();
             assert_eq!(*p, best, "{name}: example {i}");
         }
     }
