@@ -439,7 +439,7 @@ class LeanLlama(nn.Module):
         self.layers = nn.ModuleList(LeanLlamaLayer(d, heads, kv, inter) for _ in range(layers))
         self.norm, self.lm_head = nn.Parameter(torch.ones(d)), nn.Linear(d, vocab, bias=False)
 
-    def forward(self, input_ids, attention_mask, labels):
+    def forward(self, input_ids, attention_mask, labels, logits_to_keep=0):
         s = input_ids.shape[1]
         inv = 1.0 / (10000.0 ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
         ang = torch.arange(s, dtype=torch.float32)[:, None] * inv[None]
@@ -448,6 +448,8 @@ class LeanLlama(nn.Module):
         cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin)
+        if logits_to_keep:  # as transformers: the head on the last positions only, labels given for those
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(rms_norm(x, self.norm))
         # labels shifted left (padded with -100) instead of the logits sliced: no copy of the [b, s, vocab] logits
         shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
@@ -525,6 +527,12 @@ def check_lean(workload: str) -> float:
                 tgt = torch.cat([torch.full((BATCH, SEQ), -100), answer], 1)
             x, y = hf(input_ids=ids, attention_mask=mask, labels=tgt), lean(input_ids=ids, attention_mask=mask, labels=tgt)
             a, b = torch.cat([x.logits.flatten(), x.loss[None]]), torch.cat([y.logits.flatten(), y.loss[None]])
+            if fam == "llama":  # the timed call: the head only at the positions that predict the answer
+                k = answer.shape[1] + 1
+                kw = dict(input_ids=ids, attention_mask=mask, labels=tgt[:, -k:], logits_to_keep=k)
+                xk, yk = hf(**kw), lean(**kw)
+                a = torch.cat([a, xk.logits.flatten(), xk.loss[None], x.loss[None]])
+                b = torch.cat([b, yk.logits.flatten(), yk.loss[None], xk.loss[None]])
     return float((a - b).abs().max() / a.abs().max())
 
 
@@ -597,7 +605,13 @@ def run_config(workload, attn, mode, n, impl, bf16, threads, warmup, iters, lean
             ids = torch.cat([ids, answer], 1)
             tgt = torch.cat([torch.full((BATCH, SEQ), -100), answer], 1)
         mask = torch.ones_like(ids)
-        run = lambda: model(input_ids=ids, attention_mask=mask, labels=tgt).loss  # noqa: E731
+        # Llama: the LM head only at the 3 last positions (the two that predict the answer tokens, and the last,
+        # whose label shifts out), transformers' `logits_to_keep`, as loracomp runs its head only where a loss
+        # term is; `--check-lean` checks this loss equals the full-logit one
+        kw = {"logits_to_keep": answer.shape[1] + 1} if fam == "llama" else {}
+        if kw:
+            tgt = tgt[:, -kw["logits_to_keep"]:]
+        run = lambda: model(input_ids=ids, attention_mask=mask, labels=tgt, **kw).loss  # noqa: E731
     amp = (
         torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     )

@@ -10,8 +10,8 @@
 //!   untied head) and `llama4` = a 4-layer Llama with grouped KV heads (d 512, 8 query heads, 2 KV heads of 64,
 //!   SwiGLU 1376, vocab 32000, untied head); `t5tiny` and `llamatiny` for smoke runs. A step is batch 16 prompts
 //!   of 64 tokens, 10 classes whose answers are 2 tokens (a label token and EOS), the answer tokens'
-//!   cross-entropy (T5: decoder of 2 positions; Llama: the 66-token `prompt ‖ answer`, logits at every
-//!   position as `LlamaForCausalLM` computes them) and AdamW. Bank modules sit on the attention's query and value
+//!   cross-entropy (T5: decoder of 2 positions; Llama: the 66-token `prompt ‖ answer`, the LM head only at
+//!   the positions that predict answer tokens, [`crate::models::llama::Llama::forward_rows`]) and AdamW. Bank modules sit on the attention's query and value
 //!   projections (T5: `q`, `v` of self- and cross-attention, as PEFT's `target_modules=["q","v"]`; Llama:
 //!   `q_proj`, `v_proj`). A rank classifier has no head, so its `uniform` step (nothing trains) is the merged
 //!   model's loss, forward only; its `full` trains the body's linear layers (embeddings, norms, LM head frozen).

@@ -19,7 +19,7 @@
 //! decoder target `a_y`; Llama: `x ‖ a_y`, loss on the answer tokens only), the mean over every answer token of
 //! the batch, as transformers computes a sequence-to-sequence or causal-LM loss with `-100` labels.
 
-use super::llama::{causal_lm_loss, Llama, LmBatch, IGNORE};
+use super::llama::{rows_cross_entropy, scored_rows, Llama, LmBatch, IGNORE};
 use super::t5::{seq_cross_entropy, shift_right, Seq2SeqBatch, T5};
 use crate::engine::param::Param;
 use crate::lora::bank::BankLinear;
@@ -202,9 +202,11 @@ impl RankClassifier {
                     prompts.iter().zip(labels).map(|(p, &y)| (p.to_vec(), self.answers[y].clone())).collect();
                 let (batch, lab) = LmBatch::with_answers(&ex)?;
                 let v = m.vocab();
-                let logits = m.forward(&batch)?;
+                // The LM head runs only where an answer token is predicted.
+                let (rows, targets) = scored_rows(&lab, batch.batch, batch.seq, v)?;
+                let logits = m.forward_rows(&batch, &rows)?;
                 let mut dl = vec![0.0f32; logits.len()];
-                let loss = causal_lm_loss(logits, &lab, batch.batch, batch.seq, v, &mut dl)?;
+                let loss = rows_cross_entropy(logits, &targets, v, &mut dl)?;
                 if backward && loss.is_finite() {
                     m.backward(&dl)?;
                 }
@@ -226,25 +228,16 @@ impl RankClassifier {
                 let v = m.vocab();
                 let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0)
                     + self.answers.iter().map(|a| a.len()).max().unwrap_or(0);
-                // Examples per pass: all their (prompt, answer) rows' logits within SCORE_LOGITS.
+                // Examples per pass: as many as a full-vocabulary logit for each of their (prompt, answer)
+                // positions would fit in SCORE_LOGITS. The LM head runs only at answer positions now, but this
+                // also bounds the layers' activations, which grow with the positions.
                 let per = (SCORE_LOGITS / (c * longest * v).max(1)).max(1);
                 let mut out = Vec::with_capacity(prompts.len() * c);
                 for chunk in prompts.chunks(per) {
                     let ex: Vec<(Vec<u32>, Vec<u32>)> =
                         chunk.iter().flat_map(|p| self.answers.iter().map(|a| (p.to_vec(), a.clone()))).collect();
                     let (batch, lab) = LmBatch::with_answers(&ex)?;
-                    let s = batch.seq;
-                    let logits = m.forward(&batch)?;
-                    for r in 0..batch.batch {
-                        let mut sum = 0.0f64;
-                        for t in 1..s {
-                            let l = lab[r * s + t];
-                            if l != IGNORE {
-                                sum += log_softmax_at(&logits[(r * s + t - 1) * v..(r * s + t) * v], l as usize);
-                            }
-                        }
-                        out.push(sum);
-                    }
+                    out.extend(m.answer_log_probs(&batch, &lab)?);
                 }
                 out
             }
@@ -278,11 +271,4 @@ fn pad_prompts(prompts: &[&[u32]], pad: u32) -> Result<(usize, usize, Vec<u32>, 
         mask[i * len..i * len + p.len()].iter_mut().for_each(|m| *m = 1.0);
     }
     Ok((b, len, ids, mask))
-}
-
-/// `log softmax(row)[k]` in f64.
-fn log_softmax_at(row: &[f32], k: usize) -> f64 {
-    let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = row.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln() + mx;
-    row[k] as f64 - lse
 }

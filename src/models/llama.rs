@@ -270,6 +270,11 @@ struct Workspace {
     caches: Vec<LayerCache>,
     rstd_f: Vec<f32>,
     hn: Vec<f32>,
+    /// The rows of `hn` the LM head ran on ([`Llama::forward_rows`]); `None`: every row.
+    rows: Option<Vec<usize>>,
+    /// `hn` gathered at `rows`, and its gradient.
+    hsel: Vec<f32>,
+    dhsel: Vec<f32>,
     logits: Vec<f32>,
     dh: Vec<f32>,
     dhn: Vec<f32>,
@@ -487,9 +492,42 @@ impl Llama {
 
     /// Forward pass; returns the logits `[batch·seq, vocab]`. Caches what backward needs.
     pub fn forward(&mut self, batch: &LmBatch) -> Result<&[f32]> {
+        self.forward_body(batch)?;
+        let (t, v) = (batch.rows(), self.vocab());
+        let ws = &mut self.ws;
+        ws.rows = None;
+        self.lm_head.forward(&ws.hn, t, sized(&mut ws.logits, t * v));
+        Ok(&self.ws.logits)
+    }
+
+    /// Forward pass that runs the LM head only at `rows` (indices into the `batch·seq` positions); returns
+    /// their logits `[rows.len(), vocab]`, the same numbers as those rows of [`Llama::forward`]'s. A loss on a
+    /// few positions (rank classification's answer tokens, [`scored_rows`]) needs no other logits: on the
+    /// `llama4` bench step (16 × 66 positions, 2 scored per sequence, vocab 32000) the full head is 69 of the
+    /// step's GFLOP (forward and input gradient) and its logits and their gradient 270 MB. [`Llama::backward`]
+    /// then takes the gradient of these logits.
+    pub fn forward_rows(&mut self, batch: &LmBatch, rows: &[usize]) -> Result<&[f32]> {
+        let t = batch.rows();
+        if let Some(&r) = rows.iter().find(|&&r| r >= t) {
+            bail!("forward_rows: row {r} is outside the batch's {t} positions");
+        }
+        self.forward_body(batch)?;
+        let (d, v) = (self.hidden(), self.vocab());
+        let ws = &mut self.ws;
+        let hsel = sized(&mut ws.hsel, rows.len() * d);
+        for (dst, &r) in hsel.chunks_mut(d).zip(rows) {
+            dst.copy_from_slice(&ws.hn[r * d..(r + 1) * d]);
+        }
+        ws.rows = Some(rows.to_vec());
+        self.lm_head.forward(&ws.hsel, rows.len(), sized(&mut ws.logits, rows.len() * v));
+        Ok(&self.ws.logits)
+    }
+
+    /// Everything below the LM head: the layers and the final norm (into `ws.hn`).
+    fn forward_body(&mut self, batch: &LmBatch) -> Result<()> {
         self.check_batch(batch)?;
         let sh = self.shape(batch);
-        let (d, inter, v) = (self.hidden(), self.cfg.intermediate_size, self.vocab());
+        let (d, inter) = (self.hidden(), self.cfg.intermediate_size);
         let (qd, kd) = (sh.q_dim(), sh.kv_dim());
         let t = batch.rows();
         let eps = self.cfg.rms_norm_eps as f32;
@@ -536,12 +574,12 @@ impl Llama {
         }
         sized(&mut ws.rstd_f, t);
         rmsnorm_forward(&ws.hs[nl], &self.norm.data, eps, d, sized(&mut ws.hn, t * d), &mut ws.rstd_f);
-        self.lm_head.forward(&ws.hn, t, sized(&mut ws.logits, t * v));
-        Ok(&self.ws.logits)
+        Ok(())
     }
 
-    /// Backward pass from `dlogits` (`[batch·seq, vocab]`, for the most recent forward). Accumulates into
-    /// trainable parameters only (frozen weights get no gradient), and stops at the lowest layer that has any.
+    /// Backward pass from `dlogits` (for the most recent forward: `[batch·seq, vocab]` after
+    /// [`Llama::forward`], `[rows, vocab]` after [`Llama::forward_rows`]). Accumulates into trainable parameters
+    /// only (frozen weights get no gradient), and stops at the lowest layer that has any.
     pub fn backward(&mut self, dlogits: &[f32]) -> Result<()> {
         let batch = self.ws.batch.clone();
         let sh = self.shape(&batch);
@@ -549,8 +587,9 @@ impl Llama {
         let (qd, kd) = (sh.q_dim(), sh.kv_dim());
         let t = batch.rows();
         let nl = self.layers.len();
-        if dlogits.len() != t * v {
-            bail!("backward: gradient has {} values, expected {}", dlogits.len(), t * v);
+        let head_rows = self.ws.rows.as_ref().map_or(t, |r| r.len());
+        if dlogits.len() != head_rows * v {
+            bail!("backward: gradient has {} values, expected {}", dlogits.len(), head_rows * v);
         }
         if self.tied && self.embed.trainable() {
             bail!("training tied input/output embeddings is not supported");
@@ -560,13 +599,23 @@ impl Llama {
         let norm_tr = self.norm.trainable();
         let head_tr = !self.lm_head.trainable_params_mut().is_empty();
         let ws = &mut self.ws;
+        let head_in = if ws.rows.is_some() { &ws.hsel } else { &ws.hn };
         if first.is_none() && !norm_tr {
             if head_tr {
-                self.lm_head.backward(&ws.hn, dlogits, t, None, false);
+                self.lm_head.backward(head_in, dlogits, head_rows, None, false);
             }
             return Ok(());
         }
-        self.lm_head.backward(&ws.hn, dlogits, t, Some(sized(&mut ws.dhn, t * d)), false);
+        if let Some(rows) = &ws.rows {
+            self.lm_head.backward(head_in, dlogits, head_rows, Some(sized(&mut ws.dhsel, head_rows * d)), false);
+            let dhn = sized(&mut ws.dhn, t * d);
+            dhn.fill(0.0);
+            for (src, &r) in ws.dhsel.chunks(d).zip(rows) {
+                dhn[r * d..(r + 1) * d].iter_mut().zip(src).for_each(|(a, b)| *a += b);
+            }
+        } else {
+            self.lm_head.backward(head_in, dlogits, t, Some(sized(&mut ws.dhn, t * d)), false);
+        }
         let dw = if norm_tr { Some(self.norm.grad.as_mut_slice()) } else { None };
         rmsnorm_backward(&ws.dhn, &ws.hs[nl], &ws.rstd_f, &self.norm.data, d, sized(&mut ws.dh, t * d), false, dw);
         let Some(first) = first else { return Ok(()) };
@@ -680,11 +729,13 @@ impl Llama {
 
     /// Causal-LM loss of `labels` (`[batch, seq]`, −100 where not scored) on a forward pass of `batch`;
     /// accumulates gradients into the trainable parameters. Returns the loss.
+    /// The LM head runs only at the scored positions ([`Llama::forward_rows`]).
     pub fn loss_and_backward(&mut self, batch: &LmBatch, labels: &[i64]) -> Result<f32> {
         let v = self.vocab();
-        let logits = self.forward(batch)?.to_vec();
+        let (rows, targets) = scored_rows(labels, batch.batch, batch.seq, v)?;
+        let logits = self.forward_rows(batch, &rows)?.to_vec();
         let mut dl = vec![0.0; logits.len()];
-        let loss = causal_lm_loss(&logits, labels, batch.batch, batch.seq, v, &mut dl)?;
+        let loss = rows_cross_entropy(&logits, &targets, v, &mut dl)?;
         self.backward(&dl)?;
         Ok(loss)
     }
@@ -697,17 +748,19 @@ impl Llama {
         }
         let ex: Vec<(Vec<u32>, Vec<u32>)> = candidates.iter().map(|c| (prompt.to_vec(), c.clone())).collect();
         let (batch, labels) = LmBatch::with_answers(&ex)?;
+        self.answer_log_probs(&batch, &labels)
+    }
+
+    /// Each sequence's summed log-probability of its labelled tokens (`labels` as [`LmBatch::with_answers`]
+    /// writes them), with the LM head run only where a label is scored.
+    pub fn answer_log_probs(&mut self, batch: &LmBatch, labels: &[i64]) -> Result<Vec<f64>> {
         let v = self.vocab();
-        let logits = self.forward(&batch)?;
-        let s = batch.seq;
-        let scores = (0..batch.batch)
-            .map(|b| {
-                (1..s)
-                    .filter(|&t| labels[b * s + t] != IGNORE)
-                    .map(|t| log_softmax_at(&logits[(b * s + t - 1) * v..(b * s + t) * v], labels[b * s + t] as usize))
-                    .sum()
-            })
-            .collect();
+        let (rows, targets) = scored_rows(labels, batch.batch, batch.seq, v)?;
+        let logits = self.forward_rows(batch, &rows)?;
+        let mut scores = vec![0.0f64; batch.batch];
+        for (i, (&r, &k)) in rows.iter().zip(&targets).enumerate() {
+            scores[r / batch.seq] += log_softmax_at(&logits[i * v..(i + 1) * v], k);
+        }
         Ok(scores)
     }
 
@@ -726,6 +779,70 @@ fn log_softmax_at(row: &[f32], k: usize) -> f64 {
     row[k] as f64 - lse
 }
 
+/// The positions a causal-LM loss on `labels` (`[batch, seq]`, −100 where not scored) uses: position
+/// `r = (b, t)` is scored when `labels[b, t + 1]` is a label, and predicts it. Returns the scored positions
+/// (row-major order) and their targets. Errors when none is scored or a label is outside the vocabulary.
+pub fn scored_rows(labels: &[i64], batch: usize, seq: usize, vocab: usize) -> Result<(Vec<usize>, Vec<usize>)> {
+    let rows = batch * seq;
+    if labels.len() != rows {
+        bail!("{} labels for a batch of [batch {batch}, seq {seq}]", labels.len());
+    }
+    let mut out = (Vec::new(), Vec::new());
+    for r in (0..rows).filter(|r| r % seq + 1 < seq) {
+        let l = labels[r + 1];
+        if l == IGNORE {
+            continue;
+        }
+        if l < 0 || l as usize >= vocab {
+            bail!("label {l} is outside the vocabulary [0, {vocab}) (use -100 to skip a position)");
+        }
+        out.0.push(r);
+        out.1.push(l as usize);
+    }
+    if out.0.is_empty() {
+        bail!("no position is scored: every label after the first token is -100");
+    }
+    Ok(out)
+}
+
+/// One scored row's cross-entropy `−log softmax(row)[l]`; writes its gradient times `inv` (1 / scored rows)
+/// into `dr`.
+fn row_cross_entropy(row: &[f32], l: usize, inv: f32, dr: &mut [f32]) -> f64 {
+    let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut s = 0.0f32;
+    for (g, &x) in dr.iter_mut().zip(row) {
+        *g = (x - mx).exp();
+        s += *g;
+    }
+    dr.iter_mut().for_each(|g| *g *= inv / s);
+    dr[l] -= inv;
+    -((row[l] - mx) as f64 - (s as f64).ln())
+}
+
+/// Mean cross-entropy of `logits` (`[targets.len(), vocab]`, from [`Llama::forward_rows`] at
+/// [`scored_rows`]) against `targets`; writes `dlogits`. Equals [`causal_lm_loss`] on the full logits.
+pub fn rows_cross_entropy(logits: &[f32], targets: &[usize], vocab: usize, dlogits: &mut [f32]) -> Result<f32> {
+    let n = targets.len();
+    if n == 0 || logits.len() != n * vocab || dlogits.len() != n * vocab {
+        bail!(
+            "rows_cross_entropy: {} logits and {} gradients for {n} targets of vocabulary {vocab}",
+            logits.len(),
+            dlogits.len()
+        );
+    }
+    if let Some(&l) = targets.iter().find(|&&l| l >= vocab) {
+        bail!("label {l} is outside the vocabulary [0, {vocab})");
+    }
+    let inv = 1.0 / n as f32;
+    let losses: Vec<f64> = dlogits
+        .par_chunks_mut(vocab)
+        .zip(logits.par_chunks(vocab))
+        .zip(targets.par_iter())
+        .map(|((dr, row), &l)| row_cross_entropy(row, l, inv, dr))
+        .collect();
+    Ok((losses.iter().sum::<f64>() / n as f64) as f32)
+}
+
 /// transformers' causal-LM loss: logits at position `t` predict `labels[t + 1]`; positions labelled −100 are
 /// skipped and the loss is the mean over the rest. Writes `dlogits` (zero where not scored). Errors when no
 /// position is scored or a label is outside the vocabulary.
@@ -741,38 +858,24 @@ pub fn causal_lm_loss(
     if labels.len() != rows || logits.len() != rows * vocab || dlogits.len() != rows * vocab {
         bail!("causal_lm_loss: labels/logits do not match [batch {batch}, seq {seq}, vocab {vocab}]");
     }
-    let target = |r: usize| -> Option<i64> { (r % seq + 1 < seq).then(|| labels[r + 1]).filter(|&l| l != IGNORE) };
-    if let Some(l) = (0..rows).filter_map(target).find(|&l| l < 0 || l as usize >= vocab) {
-        bail!("label {l} is outside the vocabulary [0, {vocab}) (use -100 to skip a position)");
+    let (scored, targets) = scored_rows(labels, batch, seq, vocab)?;
+    let mut target = vec![None; rows];
+    for (&r, &l) in scored.iter().zip(&targets) {
+        target[r] = Some(l);
     }
-    let count = (0..rows).filter(|&r| target(r).is_some()).count();
-    if count == 0 {
-        bail!("no position is scored: every label after the first token is -100");
-    }
-    let inv = 1.0 / count as f32;
+    let inv = 1.0 / scored.len() as f32;
     let losses: Vec<f64> = dlogits[..rows * vocab]
         .par_chunks_mut(vocab)
         .enumerate()
-        .map(|(r, dr)| match target(r) {
+        .map(|(r, dr)| match target[r] {
             None => {
                 dr.fill(0.0);
                 0.0
             }
-            Some(l) => {
-                let row = &logits[r * vocab..(r + 1) * vocab];
-                let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let mut s = 0.0f32;
-                for (g, &x) in dr.iter_mut().zip(row) {
-                    *g = (x - mx).exp();
-                    s += *g;
-                }
-                dr.iter_mut().for_each(|g| *g *= inv / s);
-                dr[l as usize] -= inv;
-                -((row[l as usize] - mx) as f64 - (s as f64).ln())
-            }
+            Some(l) => row_cross_entropy(&logits[r * vocab..(r + 1) * vocab], l, inv, dr),
         })
         .collect();
-    Ok((losses.iter().sum::<f64>() / count as f64) as f32)
+    Ok((losses.iter().sum::<f64>() / scored.len() as f64) as f32)
 }
 
 impl crate::lora::host::LinearHost for Llama {

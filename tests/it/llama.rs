@@ -5,7 +5,7 @@ use loracomp::engine::param::Param;
 use loracomp::lora::bank::{Composition, FreshLora};
 use loracomp::lora::host::{attach_adapters, LinearHost};
 use loracomp::lora::peft::Adapter;
-use loracomp::models::llama::{causal_lm_loss, Llama, LmBatch};
+use loracomp::models::llama::{causal_lm_loss, rows_cross_entropy, scored_rows, Llama, LmBatch};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -321,6 +321,50 @@ fn gradcheck(model: &str, train_embeddings: bool) {
         }
     }
     assert!(m.lm_head.w.grad.is_empty());
+}
+
+/// The LM head run only at the scored positions gives the full head's logits there, the same loss and the same
+/// gradients, with a trainable LoRA on the head and below it.
+#[test]
+fn head_at_scored_rows_matches_the_full_head() {
+    for name in MODELS {
+        let g = json(&model_file(name, "golden.json"));
+        let (batch, labels, _) = golden_batch(&g);
+        let mut m = Llama::load(&model_file(name, "")).unwrap();
+        fresh_lora(&mut m, &["q_proj", "down_proj", "lm_head"], 2, 0.3, 5);
+        let v = m.vocab();
+        let (rows, targets) = scored_rows(&labels, batch.batch, batch.seq, v).unwrap();
+        assert!(!rows.is_empty() && rows.len() < batch.rows());
+        let full = m.forward(&batch).unwrap().to_vec();
+        let mut dl = vec![0.0; full.len()];
+        let want = causal_lm_loss(&full, &labels, batch.batch, batch.seq, v, &mut dl).unwrap();
+        m.zero_grad();
+        m.backward(&dl).unwrap();
+        let want_g: Vec<Vec<f32>> = m.trainable_params_mut().into_iter().map(|(_, p)| p.grad.clone()).collect();
+        let sel = m.forward_rows(&batch, &rows).unwrap().to_vec();
+        for (i, &r) in rows.iter().enumerate() {
+            for k in 0..v {
+                let (a, b) = (sel[i * v + k], full[r * v + k]);
+                assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{name} row {r} logit {k}: {a} vs {b}");
+            }
+        }
+        let mut ds = vec![0.0; sel.len()];
+        let got = rows_cross_entropy(&sel, &targets, v, &mut ds).unwrap();
+        assert!((got - want).abs() <= 1e-6 * want.abs(), "{name}: loss {got} vs {want}");
+        m.zero_grad();
+        m.backward(&ds).unwrap();
+        let got_g: Vec<Vec<f32>> = m.trainable_params_mut().into_iter().map(|(_, p)| p.grad.clone()).collect();
+        assert_eq!(got_g.len(), want_g.len());
+        for (a, b) in got_g.iter().zip(&want_g) {
+            let scale = b.iter().fold(0.0f32, |s, x| s.max(x.abs())).max(1e-6);
+            let worst = a.iter().zip(b).fold(0.0f32, |s, (x, y)| s.max((x - y).abs()));
+            assert!(worst <= 1e-5 * scale, "{name}: gradient differs by {worst} (largest {scale})");
+        }
+        // a gradient of the full shape is refused after forward_rows, and rows outside the batch are errors
+        assert!(m.backward(&dl).unwrap_err().to_string().contains("expected"));
+        let e = m.forward_rows(&batch, &[batch.rows()]).unwrap_err().to_string();
+        assert!(e.contains("outside the batch"), "{e}");
+    }
 }
 
 #[test]
