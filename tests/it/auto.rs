@@ -122,11 +122,22 @@ fn auto_records_its_choices_and_is_deterministic_across_threads() {
     a[6] = "1";
     let m3 = run(&a, "1");
     let det = &m3["details"];
-    assert_eq!(det["selection"], "best-ranked module (a class has one example)", "{det}");
+    assert_eq!(det["selection"], "best-ranked module and the whole bank (a class has one example)", "{det}");
     assert_eq!(det["folds"], 0);
-    // the prototype criterion cannot leave a lone example out: the best-ranked module alone at scale 1
-    assert_eq!(det["kept"], serde_json::json!([det["ranking"][0]]), "{det}");
+    // the prototype criterion cannot leave a lone example out: the best-ranked module at ONE_SHOT_LEAD plus
+    // the whole bank, total scale 1
+    assert_eq!(det["kept"], det["ranking"], "{det}");
     assert_eq!(det["scale"], 1.0);
+    let w: Vec<f64> = det["weights"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let n = w.len() as f64;
+    let lead = loracomp::methods::auto::ONE_SHOT_LEAD as f64;
+    let top = det["ranking"][0].as_u64().unwrap() as usize;
+    for (j, x) in w.iter().enumerate() {
+        let want = (1.0 - lead) / n + if j == top { lead } else { 0.0 };
+        assert!((x - want).abs() < 1e-6, "weight {j}: {x}, want {want} ({det})");
+    }
+    let chosen = &det["candidates"][det["chosen"].as_u64().unwrap() as usize];
+    assert_eq!(chosen["lead"], lead, "{det}");
 }
 
 /// A copy of `src` with every LoRA factor replaced by uniform noise in ±`amp`.
