@@ -19,7 +19,7 @@
 //! decoder target `a_y`; Llama: `x ‖ a_y`, loss on the answer tokens only), the mean over every answer token of
 //! the batch, as transformers computes a sequence-to-sequence or causal-LM loss with `-100` labels.
 
-use super::llama::{rows_cross_entropy, scored_rows, Llama, LmBatch, IGNORE};
+use super::llama::{Llama, LmBatch, IGNORE};
 use super::t5::{seq_cross_entropy, shift_right, Seq2SeqBatch, T5};
 use crate::engine::param::Param;
 use crate::lora::bank::BankLinear;
@@ -201,12 +201,8 @@ impl RankClassifier {
                 let ex: Vec<(Vec<u32>, Vec<u32>)> =
                     prompts.iter().zip(labels).map(|(p, &y)| (p.to_vec(), self.answers[y].clone())).collect();
                 let (batch, lab) = LmBatch::with_answers(&ex)?;
-                let v = m.vocab();
                 // The LM head runs only where an answer token is predicted.
-                let (rows, targets) = scored_rows(&lab, batch.batch, batch.seq, v)?;
-                let logits = m.forward_rows(&batch, &rows)?;
-                let mut dl = vec![0.0f32; logits.len()];
-                let loss = rows_cross_entropy(logits, &targets, v, &mut dl)?;
+                let (loss, dl) = m.scored_loss(&batch, &lab)?;
                 if backward && loss.is_finite() {
                     m.backward(&dl)?;
                 }

@@ -727,15 +727,22 @@ impl Llama {
         self.lm_head.invalidate();
     }
 
-    /// Causal-LM loss of `labels` (`[batch, seq]`, −100 where not scored) on a forward pass of `batch`;
-    /// accumulates gradients into the trainable parameters. Returns the loss.
-    /// The LM head runs only at the scored positions ([`Llama::forward_rows`]).
-    pub fn loss_and_backward(&mut self, batch: &LmBatch, labels: &[i64]) -> Result<f32> {
+    /// Causal-LM loss of `labels` (`[batch, seq]`, −100 where not scored) on a forward pass of `batch`, with the
+    /// LM head run only at the scored positions ([`Llama::forward_rows`]). Returns the loss and its gradient
+    /// with respect to those logits, ready for [`Llama::backward`].
+    pub fn scored_loss(&mut self, batch: &LmBatch, labels: &[i64]) -> Result<(f32, Vec<f32>)> {
         let v = self.vocab();
         let (rows, targets) = scored_rows(labels, batch.batch, batch.seq, v)?;
-        let logits = self.forward_rows(batch, &rows)?.to_vec();
+        let logits = self.forward_rows(batch, &rows)?;
         let mut dl = vec![0.0; logits.len()];
-        let loss = rows_cross_entropy(&logits, &targets, v, &mut dl)?;
+        let loss = rows_cross_entropy(logits, &targets, v, &mut dl)?;
+        Ok((loss, dl))
+    }
+
+    /// [`Llama::scored_loss`], then its backward pass: accumulates gradients into the trainable parameters.
+    /// Returns the loss.
+    pub fn loss_and_backward(&mut self, batch: &LmBatch, labels: &[i64]) -> Result<f32> {
+        let (loss, dl) = self.scored_loss(batch, labels)?;
         self.backward(&dl)?;
         Ok(loss)
     }

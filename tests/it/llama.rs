@@ -93,10 +93,7 @@ fn causal_lm_loss_matches_transformers() {
         let g = json(&model_file(name, "golden.json"));
         let (batch, labels, _) = golden_batch(&g);
         let mut m = Llama::load(&model_file(name, "")).unwrap();
-        let v = m.vocab();
-        let logits = m.forward(&batch).unwrap().to_vec();
-        let mut dl = vec![0.0; logits.len()];
-        let loss = causal_lm_loss(&logits, &labels, batch.batch, batch.seq, v, &mut dl).unwrap();
+        let (_, _, loss) = full_loss(&mut m, &batch, &labels);
         let want = g["loss"].as_f64().unwrap() as f32;
         eprintln!("{name}: loss {loss} vs transformers {want}");
         assert!((loss - want).abs() <= 1e-4, "{name}: loss {loss} vs transformers {want}");
@@ -105,9 +102,7 @@ fn causal_lm_loss_matches_transformers() {
     let (batch, labels, _) = golden_batch(&g);
     let mut m = Llama::load(&fixture("")).unwrap();
     let v = m.vocab();
-    let logits = m.forward(&batch).unwrap().to_vec();
-    let mut dl = vec![0.0; logits.len()];
-    causal_lm_loss(&logits, &labels, batch.batch, batch.seq, v, &mut dl).unwrap();
+    let (logits, mut dl, _) = full_loss(&mut m, &batch, &labels);
     // only positions followed by an answer token carry gradient, and each such row sums to zero
     for r in 0..batch.rows() {
         let row = &dl[r * v..(r + 1) * v];
@@ -219,11 +214,18 @@ fn fresh_lora(m: &mut Llama, targets: &[&str], r: usize, b_scale: f32, seed: u64
     }
 }
 
-fn loss_of(m: &mut Llama, batch: &LmBatch, labels: &[i64]) -> f64 {
+/// The full-logit path: [`Llama::forward`] at every position, then [`causal_lm_loss`]. Returns the logits, their
+/// gradient and the loss.
+fn full_loss(m: &mut Llama, batch: &LmBatch, labels: &[i64]) -> (Vec<f32>, Vec<f32>, f32) {
     let v = m.vocab();
     let logits = m.forward(batch).unwrap().to_vec();
     let mut dl = vec![0.0; logits.len()];
-    causal_lm_loss(&logits, labels, batch.batch, batch.seq, v, &mut dl).unwrap() as f64
+    let loss = causal_lm_loss(&logits, labels, batch.batch, batch.seq, v, &mut dl).unwrap();
+    (logits, dl, loss)
+}
+
+fn loss_of(m: &mut Llama, batch: &LmBatch, labels: &[i64]) -> f64 {
+    full_loss(m, batch, labels).2 as f64
 }
 
 #[test]
@@ -335,9 +337,7 @@ fn head_at_scored_rows_matches_the_full_head() {
         let v = m.vocab();
         let (rows, targets) = scored_rows(&labels, batch.batch, batch.seq, v).unwrap();
         assert!(!rows.is_empty() && rows.len() < batch.rows());
-        let full = m.forward(&batch).unwrap().to_vec();
-        let mut dl = vec![0.0; full.len()];
-        let want = causal_lm_loss(&full, &labels, batch.batch, batch.seq, v, &mut dl).unwrap();
+        let (full, dl, want) = full_loss(&mut m, &batch, &labels);
         m.zero_grad();
         m.backward(&dl).unwrap();
         let want_g: Vec<Vec<f32>> = m.trainable_params_mut().into_iter().map(|(_, p)| p.grad.clone()).collect();
